@@ -1,0 +1,18 @@
+"""Python client of nats-order-sidecar: sync and asyncio, typed, safe to retry.
+
+>>> with SidecarClient("127.0.0.1:50051") as client:
+...     client.publish(Event("patient", "42", "create", b'{"name": "Ada"}'))
+"""
+
+from ._async import AsyncSidecarClient
+from ._sync import SidecarClient
+from ._types import Event, Published, RetryPolicy, SidecarError
+
+__all__ = [
+    "AsyncSidecarClient",
+    "Event",
+    "Published",
+    "RetryPolicy",
+    "SidecarClient",
+    "SidecarError",
+]

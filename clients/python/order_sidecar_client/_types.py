@@ -1,0 +1,138 @@
+"""Plain data shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from ordersidecar.v1 import sidecar_pb2
+
+OPERATIONS = {
+    "create": sidecar_pb2.OPERATION_CREATE,
+    "update": sidecar_pb2.OPERATION_UPDATE,
+    "delete": sidecar_pb2.OPERATION_DELETE,
+}
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entity change event.
+
+    ``idempotency_key`` defaults to a fresh UUID, made once per Event, so every retry of
+    this Event is deduplicated by the stream.
+    """
+
+    entity_type: str
+    entity_id: str
+    operation: str
+    payload: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    idempotency_key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if self.operation.lower() not in OPERATIONS:
+            raise ValueError(
+                f"operation {self.operation!r} is not one of {', '.join(OPERATIONS)}"
+            )
+
+    def to_request(self) -> sidecar_pb2.PublishRequest:
+        """The gRPC request."""
+        return sidecar_pb2.PublishRequest(
+            entity_type=self.entity_type,
+            entity_id=self.entity_id,
+            operation=OPERATIONS[self.operation.lower()],
+            payload=self.payload,
+            headers=dict(self.headers),
+            idempotency_key=self.idempotency_key,
+        )
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where an event is in the stream."""
+
+    sequence: int
+    stream_sequence: int
+    subject: str
+    duplicate: bool
+
+    @classmethod
+    def from_response(cls, response: sidecar_pb2.PublishResponse) -> Published:
+        """Build from the gRPC response."""
+        return cls(
+            response.sequence, response.stream_sequence, response.subject, response.duplicate
+        )
+
+
+class SidecarError(Exception):
+    """The sidecar refused or could not complete a publish; ``code`` says which way."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same event again (same idempotency key) may succeed."""
+        return self.code in RETRYABLE
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> SidecarError:
+        """Wrap a grpc error."""
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        return cls(code, details or "")
+
+    @classmethod
+    def from_result(cls, result: sidecar_pb2.PublishResult) -> SidecarError:
+        """Wrap one failed batch result."""
+        code = next((c for c in grpc.StatusCode if c.value[0] == result.code), None)
+        return cls(code or grpc.StatusCode.UNKNOWN, result.message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE, ABORTED and DEADLINE_EXCEEDED with the same idempotency key."""
+
+    attempts: int = 6
+    first_backoff: float = 0.05
+    max_backoff: float = 2.0
+    attempt_timeout: float = 10.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number *attempt* (1-based), with full jitter."""
+        return random.uniform(0, min(self.max_backoff, self.first_backoff * 2 ** (attempt - 1)))
+
+
+BatchResult = Published | SidecarError
+
+
+def batch_results(
+    response: sidecar_pb2.PublishBatchResponse, count: int
+) -> list[BatchResult]:
+    """Per-event results of a batch response."""
+    if len(response.results) != count:
+        raise SidecarError(
+            grpc.StatusCode.INTERNAL,
+            f"sidecar answered {len(response.results)} results for {count} events",
+        )
+    return [
+        Published.from_response(r.response) if r.code == 0 else SidecarError.from_result(r)
+        for r in response.results
+    ]
+
+
+def pending_indexes(results: list[BatchResult | None]) -> list[int]:
+    """Events still to send: never answered, or answered with a retryable error."""
+    return [
+        index
+        for index, result in enumerate(results)
+        if result is None or (isinstance(result, SidecarError) and result.retryable)
+    ]

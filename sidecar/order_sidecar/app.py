@@ -1,0 +1,123 @@
+"""Wiring and lifecycle of ``order-sidecar serve``: connect, provision, serve, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NatsClient
+from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+from .config import ServeConfig
+from .errors import Unavailable
+from .gates import EntityGates, LockPolicy
+from .locks.redis import RedisLockBackend
+from .publisher import Publisher
+from .server import SidecarService
+from .stream import EventStream
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
+
+
+async def connect_nats(url: str, name: str) -> NatsClient:
+    """Connect to NATS, reconnecting forever once connected; Unavailable if it is not there."""
+    client = NatsClient()
+
+    async def on_error(error: Exception) -> None:
+        log.warning("NATS connection error: %s", error)
+
+    async def on_disconnect() -> None:
+        if not client.is_closed:
+            log.warning("NATS disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("NATS reconnected")
+
+    try:
+        await client.connect(
+            url,
+            name=name,
+            connect_timeout=2,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+    except Exception as error:
+        raise Unavailable(f"cannot connect to NATS at {url}: {error!r}") from error
+    return client
+
+
+class SidecarApp:
+    """One running sidecar."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self._server: grpc.aio.Server | None = None
+        self._nc: NatsClient | None = None
+        self._locks = RedisLockBackend(config.redis_url)
+        self._health = health_aio.HealthServicer()
+        self.publisher: Publisher | None = None
+
+    async def start(self) -> None:
+        """Connect to NATS, provision the stream and start serving gRPC."""
+        cfg = self.config
+        self._nc = await connect_nats(cfg.nats_url, f"order-sidecar {cfg.producer_name}")
+        stream = EventStream(self._nc, cfg)
+        await stream.ensure_stream()
+        policy = LockPolicy(cfg.lock_ttl, cfg.lock_wait, cfg.on_lock_unavailable == "reject")
+        self.publisher = Publisher(
+            stream, EntityGates(self._locks, policy), cfg.stream, cfg.max_conflict_retries
+        )
+        server = grpc.aio.server()
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(
+            SidecarService(self.publisher, cfg.max_batch, cfg.max_inflight_entities), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        if server.add_insecure_port(cfg.listen) == 0:
+            raise Unavailable(f"cannot listen on {cfg.listen}: address in use or not local")
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "order-sidecar %s listening on %s; stream %s on %s; locks: redis %s",
+            cfg.producer_name, cfg.listen, cfg.stream, cfg.nats_url, ",".join(cfg.redis_url),
+        )
+
+    async def stop(self) -> None:
+        """Stop taking RPCs, finish those in flight, release locks, close connections."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace)
+        await self._locks.close()
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+        log.info("order-sidecar stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            log.info("signal received: draining")
+        finally:
+            await self.stop()

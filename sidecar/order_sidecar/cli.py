@@ -1,0 +1,78 @@
+"""The ``order-sidecar`` command: ``serve`` and ``verify``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .app import SidecarApp, connect_nats
+from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
+from .errors import SidecarError
+from .verify import format_json, format_table, verify_stream
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="order-sidecar",
+        description="Publish entity change events to NATS JetStream in per-entity order.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC sidecar",
+        description="Run the gRPC sidecar next to one producer replica. Every flag can also "
+        "be set by its ORDER_SIDECAR_* env var.",
+    )
+    add_arguments(serve, ServeConfig)
+    verify = commands.add_parser(
+        "verify",
+        help="check per-entity order in a stream; exit 1 on any violation",
+        description="Read a stream and report, per entity type, events, entities, gaps, "
+        "duplicates and inversions. Exit status 1 if any.",
+    )
+    add_arguments(verify, VerifyConfig)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            serve_config = from_sources(ServeConfig, args, os.environ)
+            _setup_logging(serve_config.log_level)
+            asyncio.run(SidecarApp(serve_config).run())
+            return 0
+        verify_config = from_sources(VerifyConfig, args, os.environ)
+        return asyncio.run(_verify(verify_config))
+    except SidecarError as error:
+        print(f"order-sidecar: error: {error}", file=sys.stderr)
+        return 2
+
+
+async def _verify(config: VerifyConfig) -> int:
+    nc = await connect_nats(config.nats_url, "order-sidecar verify")
+    try:
+        reports = await verify_stream(nc, config.stream)
+    finally:
+        await nc.close()
+    print(format_json(reports) if config.json else format_table(reports))
+    return 1 if any(report.violations for report in reports.values()) else 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

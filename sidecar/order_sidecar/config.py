@@ -1,0 +1,208 @@
+"""Configuration: frozen dataclasses, each field a CLI flag and an ``ORDER_SIDECAR_*`` env var.
+
+A field's metadata holds its help text. Precedence: flag, then env var, then default.
+Everything is validated at start-up, and a bad value stops the sidecar with a message
+that names the flag, the env var and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+ENV_PREFIX = "ORDER_SIDECAR_"
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+_SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_LOCK_UNAVAILABLE_POLICIES = ("fence", "reject")
+
+
+def _opt(default: Any, help_text: str, **extra: Any) -> Any:
+    metadata = {"help": help_text, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """Where the stream lives and how it is provisioned."""
+
+    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL")
+    stream: str = _opt("ENTITY_EVENTS", "JetStream stream name")
+    subject_prefix: str = _opt("events", "first subject token(s) of every event")
+    partitions: int = _opt(16, "partition count in the subject; fixed for a stream's life")
+    stream_replicas: int = _opt(1, "stream replicas when the sidecar creates the stream")
+    duplicate_window: float = _opt(
+        120.0, "seconds JetStream remembers idempotency keys (stream duplicate window)"
+    )
+    publish_timeout: float = _opt(5.0, "seconds to wait for JetStream's publish ack")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        if not _STREAM_NAME.fullmatch(self.stream):
+            _bad("stream", self.stream, "1-255 characters of [A-Za-z0-9_-]")
+        if not _SUBJECT_PREFIX.fullmatch(self.subject_prefix):
+            _bad("subject_prefix", self.subject_prefix, "dot-separated tokens of [A-Za-z0-9_-]")
+        _check_range("partitions", self.partitions, 1, 100_000)
+        _check_range("stream_replicas", self.stream_replicas, 1, 5)
+        _check_range("duplicate_window", self.duplicate_window, 1.0, 7 * 86400.0)
+        _check_range("publish_timeout", self.publish_timeout, 0.1, 300.0)
+
+
+@dataclass(frozen=True)
+class ServeConfig(NatsOptions):
+    """Options of ``order-sidecar serve``."""
+
+    listen: str = _opt("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
+    redis_url: list[str] = _opt(
+        ["redis://127.0.0.1:6379/0"],
+        "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)",
+    )
+    lock_ttl: float = _opt(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
+    lock_wait: float = _opt(5.0, "seconds to wait for another sidecar's entity lock")
+    on_lock_unavailable: str = _opt(
+        "fence",
+        "when the lock backend is down: 'fence' publishes on, order kept by the broker's "
+        "fencing check; 'reject' answers UNAVAILABLE",
+    )
+    producer_id: str = _opt("", "name of this producer in logs (default: host-pid)")
+    max_batch: int = _opt(1000, "most events in one PublishBatch")
+    max_conflict_retries: int = _opt(20, "fenced publish attempts before answering ABORTED")
+    max_inflight_entities: int = _opt(64, "entities of one batch published concurrently")
+    shutdown_grace: float = _opt(10.0, "seconds SIGTERM waits for in-flight requests")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def producer_name(self) -> str:
+        """The configured producer id, or host-pid."""
+        return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        super().validate()
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _bad("listen", self.listen, "host:port, e.g. 127.0.0.1:50051")
+        if not self.redis_url:
+            _bad("redis_url", "", "at least one redis:// URL")
+        for url in self.redis_url:
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                _bad("redis_url", url, "a redis://, rediss:// or unix:// URL")
+        _check_range("lock_ttl", self.lock_ttl, 0.5, 3600.0)
+        _check_range("lock_wait", self.lock_wait, 0.0, 3600.0)
+        if self.on_lock_unavailable not in _LOCK_UNAVAILABLE_POLICIES:
+            _bad("on_lock_unavailable", self.on_lock_unavailable, "'fence' or 'reject'")
+        _check_range("max_batch", self.max_batch, 1, 100_000)
+        _check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
+        _check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
+        _check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            _bad("log_level", self.log_level, "DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of ``order-sidecar verify``."""
+
+    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL")
+    stream: str = _opt("ENTITY_EVENTS", "JetStream stream name")
+    json: bool = _opt(False, "print the report as JSON")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid option."""
+        if not _STREAM_NAME.fullmatch(self.stream):
+            _bad("stream", self.stream, "1-255 characters of [A-Za-z0-9_-]")
+
+
+def env_name(field_name: str) -> str:
+    """The env var that sets *field_name*."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag that sets *field_name*."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _bad(field_name: str, value: object, allowed: str) -> None:
+    raise ConfigError(
+        f"invalid {flag_name(field_name)} / {env_name(field_name)} = {value!r}: expected {allowed}"
+    )
+
+
+def _check_range(field_name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        _bad(field_name, value, f"a number from {low} to {high}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any]) -> None:
+    """Add one flag per field of *config_type*; defaults are resolved later, with env vars."""
+    for item in dataclasses.fields(config_type):
+        kind = _field_kind(item)
+        help_text = f"{item.metadata['help']} [env {env_name(item.name)}; default {_shown(item)}]"
+        flag = flag_name(item.name)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def from_sources(
+    config_type: type[ConfigT], args: argparse.Namespace, env: Mapping[str, str]
+) -> ConfigT:
+    """Build *config_type* from parsed flags, then env vars, then defaults; validate it."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(config_type):  # type: ignore[arg-type]
+        raw = getattr(args, item.name, None)
+        if raw is None and env_name(item.name) in env:
+            raw = env[env_name(item.name)]
+        if raw is not None:
+            values[item.name] = _convert(item, raw)
+    config = config_type(**values)
+    config.validate()  # type: ignore[attr-defined]
+    return config
+
+
+def _field_kind(item: dataclasses.Field[Any]) -> type:
+    default = item.default_factory() if callable(item.default_factory) else item.default
+    return type(default)
+
+
+def _shown(item: dataclasses.Field[Any]) -> str:
+    default = item.default_factory() if callable(item.default_factory) else item.default
+    if isinstance(default, list):
+        return ",".join(default) or "none"
+    return repr(default) if default != "" else "unset"
+
+
+def _convert(item: dataclasses.Field[Any], raw: str | bool | Sequence[str]) -> Any:
+    kind = _field_kind(item)
+    if kind is list:
+        parts = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[arg-type]
+        return [part.strip() for part in parts if part.strip()]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(raw).lower() in ("0", "false", "no", "off", ""):
+            return False
+        _bad(item.name, raw, "true or false")
+    try:
+        return kind(raw)
+    except ValueError:
+        _bad(item.name, raw, f"a value of type {kind.__name__}")
+    raise AssertionError("unreachable")

@@ -1,0 +1,85 @@
+"""The sidecar's one error hierarchy and its mapping to gRPC status codes.
+
+Everything below the server raises these; ``server.py`` is the only place that turns
+them into an aborted RPC (or a per-event status in a batch). Losing a lock race is
+not an error: lock backends return ``None`` for that.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SidecarError(Exception):
+    """Base class: a failure a caller can be told about, with what to do next."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(SidecarError):
+    """The sidecar's configuration is invalid or conflicts with the servers' state."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InvalidEvent(SidecarError):
+    """The request cannot be published as it is; the message says what to fix."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class IdempotencyKeyReused(SidecarError):
+    """The idempotency key was already used for a different event of this entity."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Contention(SidecarError):
+    """Other producers kept this entity busy; retrying with the same key is safe."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class FencingConflict(Contention):
+    """The broker refused a publish: the entity's subject moved on since we read it.
+
+    Raised when ``Nats-Expected-Last-Subject-Sequence`` no longer matches, i.e. another
+    sidecar published this entity (our lock was lost, or never held). The publisher
+    re-reads the entity and tries again; it reaches a caller only when retries run out.
+    """
+
+
+class ForeignMessage(SidecarError):
+    """A message on an entity subject lacks a valid Entity-Sequence header."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class EarlierEventFailed(SidecarError):
+    """A batch event was skipped because an earlier event of its entity failed."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(SidecarError):
+    """NATS or the lock backend cannot be reached, or an outcome is unknown.
+
+    Retrying with the same idempotency key is safe.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class LockBackendUnavailable(Unavailable):
+    """The lock backend could not answer (too few servers reachable)."""
+
+
+class ShuttingDown(Unavailable):
+    """The sidecar is stopping and takes no new work."""
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message a caller should see for *error*."""
+    if isinstance(error, SidecarError):
+        return error.code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"

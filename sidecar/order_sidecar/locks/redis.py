@@ -1,0 +1,105 @@
+"""Redis lock backend: pottery's AIORedlock over one master or a quorum of masters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+
+from pottery import AIORedlock
+from pottery.exceptions import ExtendUnlockedLock, QuorumIsImpossible, ReleaseUnlockedLock
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..errors import LockBackendUnavailable
+from .base import Lease
+
+log = logging.getLogger(__name__)
+# pottery logs a full traceback for every unreachable master; our own line says enough.
+logging.getLogger("pottery").setLevel(logging.CRITICAL)
+
+_FIRST_RETRY_DELAY = 0.005
+_MAX_RETRY_DELAY = 0.1
+
+
+class RedisLockBackend:
+    """Locks as Redlock keys ``redlock:ordersidecar:{key}`` on every master.
+
+    With several masters a lock needs a majority, so it survives a minority down.
+    """
+
+    name = "redis"
+
+    def __init__(self, urls: list[str], *, io_timeout: float = 1.0) -> None:
+        self._masters = [
+            Redis.from_url(
+                url,
+                socket_connect_timeout=io_timeout,
+                socket_timeout=io_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            for url in urls
+        ]
+
+    async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
+        """Try at once, then retry with a short jittered backoff until *wait* runs out."""
+        deadline = time.monotonic() + wait
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            lock = AIORedlock(
+                key=f"ordersidecar:{key}",
+                masters=self._masters,
+                auto_release_time=ttl,
+                num_extensions=sys.maxsize,
+                raise_on_redis_errors=True,
+            )
+            try:
+                acquired = await lock.acquire(blocking=False)
+            except (QuorumIsImpossible, RedisError, OSError) as error:
+                raise LockBackendUnavailable(
+                    f"Redis lock backend unreachable ({type(error).__name__}); "
+                    "check --redis-url and that a majority of masters is up"
+                ) from error
+            if acquired:
+                return Lease(key=key, ttl=ttl, handle=lock)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease on a majority of masters."""
+        lock = _lock_of(lease)
+        try:
+            await lock.extend(raise_on_redis_errors=True)
+        except (ExtendUnlockedLock, QuorumIsImpossible, RedisError, OSError) as error:
+            log.warning("lock renewal failed for %s: %s", lease.key, type(error).__name__)
+            return False
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        """Delete the lease where it is still ours; an expired one is fine."""
+        lock = _lock_of(lease)
+        try:
+            await lock.release(raise_on_redis_errors=False)
+        except ReleaseUnlockedLock:
+            pass
+        except (QuorumIsImpossible, RedisError, OSError) as error:
+            log.warning("lock release failed for %s (it will expire): %s", lease.key, error)
+
+    async def close(self) -> None:
+        """Close every master's connection pool."""
+        for master in self._masters:
+            await master.aclose()
+
+
+def _lock_of(lease: Lease) -> AIORedlock:
+    lock = lease.handle
+    if not isinstance(lock, AIORedlock):
+        raise TypeError(f"lease {lease.key} was not issued by the Redis backend")
+    return lock

@@ -1,0 +1,137 @@
+"""The gRPC edge: the only place where errors become statuses and RPCs are aborted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import NoReturn
+
+import grpc
+from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+from .errors import EarlierEventFailed, InvalidEvent, SidecarError, grpc_status
+from .events import Event, event_from_request
+from .publisher import Publisher
+from .stream import Stored
+
+log = logging.getLogger(__name__)
+
+BatchOutcome = Stored | SidecarError
+
+
+class SidecarService(sidecar_pb2_grpc.SidecarServicer):
+    """Implements ordersidecar.v1.Sidecar on top of a Publisher."""
+
+    def __init__(self, publisher: Publisher, max_batch: int, max_inflight_entities: int) -> None:
+        self._publisher = publisher
+        self._max_batch = max_batch
+        self._max_inflight_entities = max_inflight_entities
+
+    async def Publish(
+        self, request: sidecar_pb2.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> sidecar_pb2.PublishResponse:
+        """Publish one event in its entity's order."""
+        try:
+            event = event_from_request(request)
+            stored = await self._publisher.publish(event, context.time_remaining())
+        except Exception as error:  # noqa: BLE001 - this is the edge that maps errors
+            await _abort(context, error)
+        return _response(stored)
+
+    async def PublishBatch(
+        self, request: sidecar_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+    ) -> sidecar_pb2.PublishBatchResponse:
+        """Publish many events; one result per event, in request order."""
+        if len(request.events) > self._max_batch:
+            await _abort(
+                context,
+                InvalidEvent(
+                    f"batch of {len(request.events)} events is over the limit of "
+                    f"{self._max_batch} (--max-batch); split it"
+                ),
+            )
+        try:
+            outcomes = await self._publish_batch(request, context.time_remaining())
+        except Exception as error:  # noqa: BLE001 - this is the edge that maps errors
+            await _abort(context, error)
+        return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
+
+    async def _publish_batch(
+        self, request: sidecar_pb2.PublishBatchRequest, budget: float | None
+    ) -> list[BatchOutcome]:
+        outcomes: list[BatchOutcome | None] = [None] * len(request.events)
+        groups = _group_by_entity(request.events, outcomes)
+        limit = asyncio.Semaphore(self._max_inflight_entities)
+
+        async def run(indexes: list[int], events: list[Event]) -> None:
+            async with limit:
+                results = await self._publisher.publish_in_order(events, budget)
+            for index, result in zip(indexes, results, strict=True):
+                outcomes[index] = result
+
+        await asyncio.gather(*(run(indexes, events) for indexes, events in groups))
+        missing = [index for index, item in enumerate(outcomes) if item is None]
+        if missing:
+            raise AssertionError(f"batch events without an outcome: {missing}")
+        return [item for item in outcomes if item is not None]
+
+
+def _group_by_entity(
+    requests: Iterable[sidecar_pb2.PublishRequest], outcomes: list[BatchOutcome | None]
+) -> list[tuple[list[int], list[Event]]]:
+    """Validate every event and group valid entities' events, keeping request order.
+
+    An entity with an invalid event publishes none of its events in this batch, so
+    that no later event lands without the earlier one the caller meant to precede it.
+    """
+    by_entity: dict[tuple[str, str], list[tuple[int, Event | SidecarError]]] = defaultdict(list)
+    for index, request in enumerate(requests):
+        key = (request.entity_type, request.entity_id)
+        try:
+            by_entity[key].append((index, event_from_request(request)))
+        except SidecarError as error:
+            by_entity[key].append((index, error))
+    groups = []
+    for items in by_entity.values():
+        invalid = [index for index, item in items if isinstance(item, SidecarError)]
+        if not invalid:
+            groups.append(([i for i, _ in items], [e for _, e in items if isinstance(e, Event)]))
+            continue
+        for index, item in items:
+            outcomes[index] = (
+                item
+                if isinstance(item, SidecarError)
+                else EarlierEventFailed(
+                    f"not published: event #{invalid[0]} of the same entity in this batch "
+                    "is invalid; fix it and send the entity's events again"
+                )
+            )
+    return groups
+
+
+def _response(stored: Stored) -> sidecar_pb2.PublishResponse:
+    return sidecar_pb2.PublishResponse(
+        sequence=stored.sequence,
+        stream_sequence=stored.stream_sequence,
+        subject=stored.subject,
+        duplicate=stored.duplicate,
+    )
+
+
+def _result(outcome: BatchOutcome) -> sidecar_pb2.PublishResult:
+    if isinstance(outcome, Stored):
+        return sidecar_pb2.PublishResult(response=_response(outcome), code=0)
+    code, message = grpc_status(outcome)
+    return sidecar_pb2.PublishResult(code=code.value[0], message=message)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    code, message = grpc_status(error)
+    if isinstance(error, SidecarError):
+        log.info("rpc failed: %s: %s", code.name, message)
+    else:
+        log.exception("unexpected error", exc_info=error)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")

@@ -67,6 +67,12 @@ class SidecarApp:
         self._locks = RedisLockBackend(config.redis_url)
         self._health = health_aio.HealthServicer()
         self.publisher: Publisher | None = None
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        """Where the gRPC server listens, as host:port (the real port when 0 was asked)."""
+        return f"{self.config.listen.rpartition(':')[0]}:{self.port}"
 
     async def start(self) -> None:
         """Connect to NATS, provision the stream and start serving gRPC."""
@@ -88,7 +94,11 @@ class SidecarApp:
              reflection.SERVICE_NAME),
             server,
         )
-        if server.add_insecure_port(cfg.listen) == 0:
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as error:
+            raise Unavailable(f"cannot listen on {cfg.listen}: {error}") from error
+        if self.port == 0:
             raise Unavailable(f"cannot listen on {cfg.listen}: address in use or not local")
         await server.start()
         self._server = server

@@ -116,7 +116,10 @@ class SidecarApp:
             await self._server.stop(self.config.shutdown_grace)
         await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            if self._nc.is_connected:
+                await self._nc.drain()
+            else:
+                await self._nc.close()
         log.info("order-sidecar stopped")
 
     async def run(self) -> None:

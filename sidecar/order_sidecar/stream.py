@@ -87,7 +87,9 @@ class EventStream:
         except nats.js.errors.NotFoundError:
             info = None
         except _NATS_DOWN as error:
-            raise Unavailable(f"NATS JetStream did not answer: {error!r}") from error
+            raise Unavailable(
+                f"NATS JetStream did not answer ({type(error).__name__}): is JetStream enabled?"
+            ) from error
         if info is None:
             try:
                 await self._jsm.add_stream(desired)
@@ -121,12 +123,15 @@ class EventStream:
         A direct get may be answered by any replica; after a fencing conflict, ask the
         stream leader so the next attempt starts from the truth.
         """
+        self._require_connection()
         try:
             msg = await self._jsm.get_last_msg(self._options.stream, subject, direct=not from_leader)
         except nats.js.errors.NotFoundError:
             return EntityPosition(0, 0)
         except _NATS_DOWN as error:
-            raise Unavailable(f"NATS did not answer reading {subject}: {error!r}") from error
+            raise Unavailable(
+                f"NATS did not answer reading {subject} ({type(error).__name__}); retry later"
+            ) from error
         return EntityPosition(_entity_sequence(msg), int(msg.seq or 0))
 
     async def append(
@@ -136,6 +141,7 @@ class EventStream:
 
         Raises FencingConflict when the broker says the subject moved on.
         """
+        self._require_connection()
         sequence = after.sequence + 1
         headers = {
             **event.headers,
@@ -161,11 +167,20 @@ class EventStream:
             return await self._original_of(subject, event, int(ack.seq))
         return Stored(sequence, int(ack.seq), subject, duplicate=False)
 
+    def _require_connection(self) -> None:
+        if not self._nc.is_connected:
+            raise Unavailable(
+                "not connected to NATS (reconnecting); nothing was published: retry later"
+            )
+
     async def _original_of(self, subject: str, event: Event, stream_sequence: int) -> Stored:
         try:
             msg = await self._jsm.get_msg(self._options.stream, seq=stream_sequence, direct=True)
         except _NATS_DOWN as error:
-            raise Unavailable(f"NATS did not answer reading a duplicate: {error!r}") from error
+            raise Unavailable(
+                f"NATS did not answer reading a duplicate ({type(error).__name__}); retry "
+                "with the same idempotency_key"
+            ) from error
         headers = msg.headers or {}
         if (
             msg.subject != subject
@@ -198,7 +213,7 @@ def _classify_publish_error(error: nats.js.errors.APIError, subject: str) -> Exc
         )
     if error.err_code == ERR_MESSAGE_TOO_LARGE:
         return InvalidEvent(f"JetStream refused the event as too large: {error.description}")
-    return Unavailable(f"JetStream refused the publish: {error.description}")
+    return Unavailable(f"JetStream refused the publish: {error.description}; retry later")
 
 
 def _check_existing(actual: StreamConfig, desired: StreamConfig) -> None:

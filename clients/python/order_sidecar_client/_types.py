@@ -86,9 +86,11 @@ class SidecarError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> SidecarError:
         """Wrap a grpc error."""
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(code, details or "")
+        # Sync errors are grpc.Call; asyncio's AioRpcError is not, but has the same methods.
+        code_of, details_of = getattr(error, "code", None), getattr(error, "details", None)
+        code = code_of() if callable(code_of) else None
+        details = details_of() if callable(details_of) else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
 
     @classmethod
     def from_result(cls, result: sidecar_pb2.PublishResult) -> SidecarError:

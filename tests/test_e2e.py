@@ -1,0 +1,94 @@
+"""End to end: 3 sidecar processes, 6 producer processes, 24 shared entities.
+
+The same check run on naive direct publishing must find violations, so the check
+itself is shown to be able to fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from nats.aio.client import Client as NatsClient
+
+from .load import Producers, check_acked_replies_are_in_stream, run_verify
+from .servers import NatsServer, RedisServer, SidecarProcess
+
+PRODUCERS = 6
+EVENTS_EACH = 500
+ENTITIES = 24
+
+
+def sidecar_options(
+    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str]
+) -> dict[str, str]:
+    """Flags shared by the sidecars of one test."""
+    return {
+        "nats_url": nats_server.url,
+        "redis_url": redis_server.url,
+        "stream": names["stream"],
+        "subject_prefix": names["subject_prefix"],
+        "lock_ttl": "2",
+        "lock_wait": "5",
+    }
+
+
+def start_producers(producers: Producers, sidecars: list[SidecarProcess]) -> None:
+    """Two producers per sidecar, each with 4 concurrent tasks."""
+    for n in range(PRODUCERS):
+        producers.start(
+            "sidecar", f"producer-{n}", target=sidecars[n % len(sidecars)].target,
+            entities=ENTITIES, events=EVENTS_EACH, tasks=4,
+        )
+
+
+async def check_exactly_once_in_order(
+    nc: NatsClient, nats_url: str, stream: str, producers: Producers
+) -> None:
+    """Every event acked once, in the stream once, and every entity in order (G1, G2, G3)."""
+    replies = producers.replies()
+    total = PRODUCERS * EVENTS_EACH
+    assert len(replies) == total
+    failed = [r for r in replies if "error" in r]
+    assert not failed, failed[:5]
+    stored = await check_acked_replies_are_in_stream(nc, stream, replies)
+    keys = [m.headers["Nats-Msg-Id"].rsplit(":", 1)[1] for m in stored]
+    assert len(keys) == total, f"{len(keys)} events in the stream for {total} published"
+    assert len(set(keys)) == total, "an event was published twice"
+    status, report = run_verify(nats_url, stream)
+    assert report["patient"]["events"] == total
+    assert report["patient"]["entities"] == ENTITIES
+    violations = {k: report["patient"][k] for k in ("gaps", "duplicates", "inversions")}
+    assert violations == {"gaps": 0, "duplicates": 0, "inversions": 0}
+    assert status == 0
+
+
+async def test_sidecars_keep_every_entity_in_order(
+    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess], nc: NatsClient, tmp_path: Path,
+) -> None:
+    options = sidecar_options(nats_server, redis_server, names)
+    running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
+    producers = Producers(tmp_path)
+    start_producers(producers, running)
+    assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
+
+
+async def test_verify_finds_violations_of_naive_publishers(
+    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
+    nc: NatsClient, tmp_path: Path,
+) -> None:
+    await nc.jsm().add_stream(name=names["stream"], subjects=[f"{names['subject_prefix']}.>"])
+    producers = Producers(tmp_path)
+    for n in range(PRODUCERS):
+        producers.start(
+            "naive", f"naive-{n}", nats_url=nats_server.url, redis_url=redis_server.url,
+            subject_prefix=names["subject_prefix"], entities=ENTITIES, events=EVENTS_EACH,
+            tasks=4,
+        )
+    assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    status, report = run_verify(nats_server.url, names["stream"])
+    assert report["patient"]["events"] == PRODUCERS * EVENTS_EACH
+    assert report["patient"]["inversions"] > 0
+    assert status == 1

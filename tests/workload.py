@@ -1,0 +1,112 @@
+"""A producer replica for end-to-end tests, run as its own process.
+
+``sidecar`` mode publishes through a sidecar with the Python client and writes one
+JSON line per event: its key and where it landed (or the final error).
+``naive`` mode is the baseline the seed describes: each event takes its number from a
+shared counter (the producer's commit order, a Redis INCR) and is published straight
+to JetStream, so replicas race and consumers see inversions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import uuid
+from typing import Any, TextIO
+
+import nats
+from order_sidecar import wire
+from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarError
+from redis.asyncio import Redis
+
+PATIENCE = RetryPolicy(attempts=60, first_backoff=0.05, max_backoff=1.0, attempt_timeout=5.0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["sidecar", "naive"])
+    parser.add_argument("--target", default="")
+    parser.add_argument("--nats-url", default="")
+    parser.add_argument("--redis-url", default="")
+    parser.add_argument("--subject-prefix", default="")
+    parser.add_argument("--producer", required=True)
+    parser.add_argument("--entities", type=int, default=20)
+    parser.add_argument("--events", type=int, default=500)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--entity-type", default="patient")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args(argv)
+
+
+def pick_entity(args: argparse.Namespace) -> str:
+    return f"e{random.randrange(args.entities)}"
+
+
+async def run_sidecar(args: argparse.Namespace, out: TextIO) -> int:
+    failures = 0
+    async with AsyncSidecarClient(args.target, retry=PATIENCE) as client:
+
+        async def task(count: int) -> None:
+            nonlocal failures
+            for _ in range(count):
+                event = Event(args.entity_type, pick_entity(args), "update", args.producer.encode())
+                record: dict[str, Any] = {"key": event.idempotency_key, "entity": event.entity_id}
+                try:
+                    published = await client.publish(event)
+                    record |= {
+                        "sequence": published.sequence,
+                        "stream_sequence": published.stream_sequence,
+                        "duplicate": published.duplicate,
+                    }
+                except SidecarError as error:
+                    failures += 1
+                    record["error"] = error.code.name
+                out.write(json.dumps(record) + "\n")
+
+        await asyncio.gather(*(task(n) for n in split(args.events, args.tasks)))
+    return 1 if failures else 0
+
+
+async def run_naive(args: argparse.Namespace, out: TextIO) -> int:
+    nc = await nats.connect(args.nats_url)
+    js = nc.jetstream()
+    redis = Redis.from_url(args.redis_url)
+
+    async def task(count: int) -> None:
+        for _ in range(count):
+            entity_id = pick_entity(args)
+            sequence = int(await redis.incr(f"naive:{args.subject_prefix}:{entity_id}"))
+            await asyncio.sleep(random.uniform(0, 0.002))  # the producer's own work
+            subject = wire.subject_for(args.subject_prefix, args.entity_type, entity_id, 16)
+            headers = {
+                wire.HEADER_ENTITY_TYPE: args.entity_type,
+                wire.HEADER_ENTITY_ID: entity_id,
+                wire.HEADER_ENTITY_SEQUENCE: str(sequence),
+                wire.HEADER_ENTITY_OPERATION: "update",
+            }
+            ack = await js.publish(subject, args.producer.encode(), headers=headers)
+            out.write(json.dumps({"key": uuid.uuid4().hex, "entity": entity_id,
+                                  "sequence": sequence, "stream_sequence": ack.seq}) + "\n")
+
+    await asyncio.gather(*(task(n) for n in split(args.events, args.tasks)))
+    await redis.aclose()
+    await nc.close()
+    return 0
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if n < total % parts else 0) for n in range(parts)]
+
+
+def main() -> int:
+    args = parse_args(sys.argv[1:])
+    with open(args.out, "w") as out:
+        runner = run_sidecar if args.mode == "sidecar" else run_naive
+        return asyncio.run(runner(args, out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

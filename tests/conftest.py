@@ -53,7 +53,7 @@ def serve_config(
     """A sidecar config on the session's servers with this test's names."""
     return ServeConfig(
         nats_url=nats_server.url,
-        redis_url=[redis_server.url],
+        redis_url=(redis_server.url,),
         stream=names["stream"],
         subject_prefix=names["subject_prefix"],
         listen="127.0.0.1:0",

@@ -32,9 +32,9 @@ class Producers:
         log = (self.workdir / f"{name}.log").open("wb")
         self.processes.append(
             subprocess.Popen(
-                [sys.executable, str(WORKLOAD), mode, f"--producer={name}", f"--out={out}",
-                 *flags],
-                stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, str(WORKLOAD), mode, f"--producer={name}", f"--out={out}", *flags],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         )
         self.outputs.append(out)
@@ -59,9 +59,7 @@ class Producers:
 
     def log_tail(self) -> str:
         """The end of each producer's log, for failure messages."""
-        return "\n".join(
-            (self.workdir / f"{p.stem}.log").read_text()[-2000:] for p in self.outputs
-        )
+        return "\n".join((self.workdir / f"{p.stem}.log").read_text()[-2000:] for p in self.outputs)
 
 
 async def wait_for_messages(nc: NatsClient, stream: str, count: int, timeout: float) -> None:
@@ -76,9 +74,19 @@ async def wait_for_messages(nc: NatsClient, stream: str, count: int, timeout: fl
 def run_verify(nats_url: str, stream: str) -> tuple[int, dict[str, dict[str, int]]]:
     """Run ``order-sidecar verify --json``; its exit status and report."""
     result = subprocess.run(
-        [sys.executable, "-m", "order_sidecar.cli", "verify", f"--nats-url={nats_url}",
-         f"--stream={stream}", "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "verify",
+            f"--nats-url={nats_url}",
+            f"--stream={stream}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode in (0, 1), result.stderr
     return result.returncode, json.loads(result.stdout)

@@ -147,8 +147,16 @@ class NatsServer(ManagedProcess):
 
     def _command(self) -> list[str]:
         return [
-            nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port),
-            "-m", str(self.monitor_port), "-js", "-sd", str(self.store),
+            nats_server_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-js",
+            "-sd",
+            str(self.store),
         ]
 
     def is_ready(self) -> bool:
@@ -176,8 +184,17 @@ class RedisServer(ManagedProcess):
     def _command(self) -> list[str]:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         return [
-            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
         ]
 
     def is_ready(self) -> bool:
@@ -206,8 +223,13 @@ class SidecarProcess(ManagedProcess):
     def _command(self) -> list[str]:
         flags = [f"--{key.replace('_', '-')}={value}" for key, value in self.options.items()]
         return [
-            sys.executable, "-m", "order_sidecar.cli", "serve",
-            f"--listen={self.target}", f"--producer-id={self.name}", *flags,
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "serve",
+            f"--listen={self.target}",
+            f"--producer-id={self.name}",
+            *flags,
         ]
 
     def is_ready(self) -> bool:

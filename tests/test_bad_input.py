@@ -38,7 +38,7 @@ BAD_REQUESTS = {
 
 
 @pytest.fixture
-async def stub(app: SidecarApp) -> AsyncIterator[sidecar_pb2_grpc.SidecarStub]:
+async def stub(app: SidecarApp) -> AsyncIterator[sidecar_pb2_grpc.SidecarAsyncStub]:
     options = [("grpc.max_send_message_length", 8 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(app.target, options=options) as channel:
         yield sidecar_pb2_grpc.SidecarStub(channel)
@@ -46,16 +46,14 @@ async def stub(app: SidecarApp) -> AsyncIterator[sidecar_pb2_grpc.SidecarStub]:
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
 async def test_bad_request_is_invalid_argument_and_publishes_nothing(
-    case: str, stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    case: str, stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     bad, hint = BAD_REQUESTS[case]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Publish(bad)
     assert caught.value.code() == INVALID
     assert hint in (caught.value.details() or "")
-    reply = await stub.PublishBatch(
-        sidecar_pb2.PublishBatchRequest(events=[bad, request("fine")])
-    )
+    reply = await stub.PublishBatch(sidecar_pb2.PublishBatchRequest(events=[bad, request("fine")]))
     assert [r.code for r in reply.results] == [INVALID.value[0], 0]
     assert hint in reply.results[0].message
     assert await message_count(nc, serve_config.stream) == 1
@@ -68,7 +66,7 @@ async def test_batch_over_the_limit_is_refused_whole(
     await app.start()
     try:
         async with grpc.aio.insecure_channel(app.target) as channel:
-            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            stub: sidecar_pb2_grpc.SidecarAsyncStub = sidecar_pb2_grpc.SidecarStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.PublishBatch(
                     sidecar_pb2.PublishBatchRequest(events=[request(str(n)) for n in range(4)])
@@ -90,7 +88,7 @@ async def test_nats_down_is_unavailable(serve_config: ServeConfig, tmp_path: obj
     await app.start()
     try:
         async with grpc.aio.insecure_channel(app.target) as channel:
-            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            stub: sidecar_pb2_grpc.SidecarAsyncStub = sidecar_pb2_grpc.SidecarStub(channel)
             assert (await stub.Publish(request("n1"))).sequence == 1
             nats_server.kill()
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -106,7 +104,7 @@ async def test_nats_down_is_unavailable(serve_config: ServeConfig, tmp_path: obj
 
 
 async def _publish_when_back(
-    stub: sidecar_pb2_grpc.SidecarStub, req: sidecar_pb2.PublishRequest
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, req: sidecar_pb2.PublishRequest
 ) -> sidecar_pb2.PublishResponse:
     import asyncio
 
@@ -125,14 +123,12 @@ async def test_redis_down(policy: str, serve_config: ServeConfig, nc: NatsClient
     """Documented choice: 'fence' (default) publishes on, order kept by the broker;
     'reject' answers UNAVAILABLE and publishes nothing."""
     dead_redis = "redis://127.0.0.1:1/0"
-    config = dataclasses.replace(
-        serve_config, redis_url=[dead_redis], on_lock_unavailable=policy
-    )
+    config = dataclasses.replace(serve_config, redis_url=(dead_redis,), on_lock_unavailable=policy)
     app = SidecarApp(config)
     await app.start()
     try:
         async with grpc.aio.insecure_channel(app.target) as channel:
-            stub = sidecar_pb2_grpc.SidecarStub(channel)
+            stub: sidecar_pb2_grpc.SidecarAsyncStub = sidecar_pb2_grpc.SidecarStub(channel)
             if policy == "fence":
                 replies = [await stub.Publish(request("r")) for _ in range(3)]
                 assert [r.sequence for r in replies] == [1, 2, 3]

@@ -37,8 +37,12 @@ def start_producers(producers: Producers, sidecars: list[SidecarProcess]) -> Non
     """Two producers per sidecar, each with 4 concurrent tasks."""
     for n in range(PRODUCERS):
         producers.start(
-            "sidecar", f"producer-{n}", target=sidecars[n % len(sidecars)].target,
-            entities=ENTITIES, events=EVENTS_EACH, tasks=4,
+            "sidecar",
+            f"producer-{n}",
+            target=sidecars[n % len(sidecars)].target,
+            entities=ENTITIES,
+            events=EVENTS_EACH,
+            tasks=4,
         )
 
 
@@ -64,8 +68,12 @@ async def check_exactly_once_in_order(
 
 
 async def test_sidecars_keep_every_entity_in_order(
-    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess], nc: NatsClient, tmp_path: Path,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
 ) -> None:
     options = sidecar_options(nats_server, redis_server, names)
     running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
@@ -76,15 +84,23 @@ async def test_sidecars_keep_every_entity_in_order(
 
 
 async def test_verify_finds_violations_of_naive_publishers(
-    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
-    nc: NatsClient, tmp_path: Path,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    nc: NatsClient,
+    tmp_path: Path,
 ) -> None:
     await nc.jsm().add_stream(name=names["stream"], subjects=[f"{names['subject_prefix']}.>"])
     producers = Producers(tmp_path)
     for n in range(PRODUCERS):
         producers.start(
-            "naive", f"naive-{n}", nats_url=nats_server.url, redis_url=redis_server.url,
-            subject_prefix=names["subject_prefix"], entities=ENTITIES, events=EVENTS_EACH,
+            "naive",
+            f"naive-{n}",
+            nats_url=nats_server.url,
+            redis_url=redis_server.url,
+            subject_prefix=names["subject_prefix"],
+            entities=ENTITIES,
+            events=EVENTS_EACH,
             tasks=4,
         )
     assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()

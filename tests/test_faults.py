@@ -43,22 +43,28 @@ async def run_with_fault(
 
 
 async def test_sigkill_a_sidecar_then_restart_it(
-    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess], nc: NatsClient, tmp_path: Path,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
 ) -> None:
     async def kill_and_restart(running: list[SidecarProcess]) -> None:
         running[0].kill()
         assert not running[0].running
         running[0].start()
 
-    await run_with_fault(
-        nats_server, redis_server, names, sidecars, nc, tmp_path, kill_and_restart
-    )
+    await run_with_fault(nats_server, redis_server, names, sidecars, nc, tmp_path, kill_and_restart)
 
 
 async def test_sigstop_a_sidecar_past_the_lock_ttl(
-    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess], nc: NatsClient, tmp_path: Path,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
 ) -> None:
     async def pause_past_ttl(running: list[SidecarProcess]) -> None:
         running[0].pause()
@@ -73,14 +79,15 @@ async def test_sigstop_a_sidecar_past_the_lock_ttl(
         finally:
             running[0].resume()
 
-    await run_with_fault(
-        nats_server, redis_server, names, sidecars, nc, tmp_path, pause_past_ttl
-    )
+    await run_with_fault(nats_server, redis_server, names, sidecars, nc, tmp_path, pause_past_ttl)
 
 
 async def test_redis_restarts_with_its_data_gone(
-    nats_server: NatsServer, names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess], nc: NatsClient, tmp_path: Path,
+    nats_server: NatsServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
 ) -> None:
     redis = RedisServer(tmp_path / "own-redis")
     redis.start()

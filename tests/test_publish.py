@@ -24,13 +24,13 @@ from .servers import RedisServer, wait_until
 
 
 @pytest.fixture
-async def stub(app: SidecarApp) -> AsyncIterator[sidecar_pb2_grpc.SidecarStub]:
+async def stub(app: SidecarApp) -> AsyncIterator[sidecar_pb2_grpc.SidecarAsyncStub]:
     async with grpc.aio.insecure_channel(app.target) as channel:
         yield sidecar_pb2_grpc.SidecarStub(channel)
 
 
 async def test_sequences_headers_and_subject_follow_the_wire_format(
-    stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     replies = [
         await stub.Publish(request("a.b c", payload=b"%d" % n, headers={"X-Trace": f"t{n}"}))
@@ -53,7 +53,7 @@ async def test_sequences_headers_and_subject_follow_the_wire_format(
     assert first.headers["Nats-Msg-Id"].startswith("patient:")
 
 
-async def test_entities_have_their_own_sequences(stub: sidecar_pb2_grpc.SidecarStub) -> None:
+async def test_entities_have_their_own_sequences(stub: sidecar_pb2_grpc.SidecarAsyncStub) -> None:
     ids = ["1", "2", "日本", "1.5", "*", ">"]
     replies = await asyncio.gather(*(stub.Publish(request(i)) for i in ids * 3))
     by_entity: dict[str, list[int]] = {}
@@ -64,7 +64,7 @@ async def test_entities_have_their_own_sequences(stub: sidecar_pb2_grpc.SidecarS
 
 
 async def test_retry_with_same_key_returns_first_result(
-    stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     first = await stub.Publish(request("7", idempotency_key="k-1"))
     await stub.Publish(request("7", idempotency_key="k-2"))
@@ -78,7 +78,7 @@ async def test_retry_with_same_key_returns_first_result(
 
 
 async def test_key_reused_for_a_different_event_is_refused(
-    stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     await stub.Publish(request("9", payload=b"one", idempotency_key="k"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -89,7 +89,7 @@ async def test_key_reused_for_a_different_event_is_refused(
 
 
 async def test_batch_keeps_each_entitys_order(
-    stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     events = [request(f"e{n % 4}", payload=b"%d" % n) for n in range(40)]
     reply = await stub.PublishBatch(sidecar_pb2.PublishBatchRequest(events=events))
@@ -103,7 +103,7 @@ async def test_batch_keeps_each_entitys_order(
 
 
 async def test_batch_with_invalid_event_publishes_none_of_that_entity(
-    stub: sidecar_pb2_grpc.SidecarStub, nc: NatsClient, serve_config: ServeConfig
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, nc: NatsClient, serve_config: ServeConfig
 ) -> None:
     events = [
         request("a"),
@@ -131,7 +131,8 @@ async def test_broker_refuses_a_stale_append(app: SidecarApp, nc: NatsClient) ->
     first = await stream.append(subject, event, EntityPosition(0, 0))
     await stream.append(subject, dataclasses.replace(event, idempotency_key="k2"), _after(first))
     with pytest.raises(FencingConflict):
-        await stream.append(subject, dataclasses.replace(event, idempotency_key="k3"), _after(first))
+        stale = _after(first)
+        await stream.append(subject, dataclasses.replace(event, idempotency_key="k3"), stale)
     assert await message_count(nc, app.config.stream) == 2
 
 
@@ -180,7 +181,7 @@ async def test_sequences_survive_redis_losing_its_data(
     """G5: the stream, not Redis, holds the sequence; a Redis restart changes nothing."""
     redis = RedisServer(tmp_path)
     redis.start()
-    config = dataclasses.replace(serve_config, redis_url=[redis.url])
+    config = dataclasses.replace(serve_config, redis_url=(redis.url,))
     app = SidecarApp(config)
     await app.start()
     try:

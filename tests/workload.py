@@ -88,8 +88,17 @@ async def run_naive(args: argparse.Namespace, out: TextIO) -> int:
                 wire.HEADER_ENTITY_OPERATION: "update",
             }
             ack = await js.publish(subject, args.producer.encode(), headers=headers)
-            out.write(json.dumps({"key": uuid.uuid4().hex, "entity": entity_id,
-                                  "sequence": sequence, "stream_sequence": ack.seq}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "key": uuid.uuid4().hex,
+                        "entity": entity_id,
+                        "sequence": sequence,
+                        "stream_sequence": ack.seq,
+                    }
+                )
+                + "\n"
+            )
 
     await asyncio.gather(*(task(n) for n in split(args.events, args.tasks)))
     await redis.aclose()

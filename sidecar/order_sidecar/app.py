@@ -46,7 +46,7 @@ async def connect_nats(url: str, name: str) -> NatsClient:
             name=name,
             connect_timeout=2,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=1,
             allow_reconnect=True,
             error_cb=on_error,
             disconnected_cb=on_disconnect,
@@ -64,7 +64,7 @@ class SidecarApp:
         self.config = config
         self._server: grpc.aio.Server | None = None
         self._nc: NatsClient | None = None
-        self._locks = RedisLockBackend(config.redis_url)
+        self._locks = RedisLockBackend(list(config.redis_url))
         self._health = health_aio.HealthServicer()
         self.publisher: Publisher | None = None
         self.port = 0
@@ -90,8 +90,11 @@ class SidecarApp:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         try:
@@ -106,7 +109,11 @@ class SidecarApp:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "order-sidecar %s listening on %s; stream %s on %s; locks: redis %s",
-            cfg.producer_name, cfg.listen, cfg.stream, cfg.nats_url, ",".join(cfg.redis_url),
+            cfg.producer_name,
+            cfg.listen,
+            cfg.stream,
+            cfg.nats_url,
+            ",".join(cfg.redis_url),
         )
 
     async def stop(self) -> None:

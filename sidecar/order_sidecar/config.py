@@ -24,11 +24,8 @@ _SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _LOCK_UNAVAILABLE_POLICIES = ("fence", "reject")
 
 
-def _opt(default: Any, help_text: str, **extra: Any) -> Any:
-    metadata = {"help": help_text, **extra}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
@@ -62,8 +59,8 @@ class ServeConfig(NatsOptions):
     """Options of ``order-sidecar serve``."""
 
     listen: str = _opt("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
-    redis_url: list[str] = _opt(
-        ["redis://127.0.0.1:6379/0"],
+    redis_url: tuple[str, ...] = _opt(
+        ("redis://127.0.0.1:6379/0",),
         "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)",
     )
     lock_ttl: float = _opt(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
@@ -151,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any]) -> No
         flag = flag_name(item.name)
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif kind is list:
+        elif kind is tuple:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, help=help_text)
@@ -177,22 +174,21 @@ def from_sources(
 
 
 def _field_kind(item: dataclasses.Field[Any]) -> type:
-    default = item.default_factory() if callable(item.default_factory) else item.default
-    return type(default)
+    return type(item.default)
 
 
 def _shown(item: dataclasses.Field[Any]) -> str:
-    default = item.default_factory() if callable(item.default_factory) else item.default
-    if isinstance(default, list):
+    default = item.default
+    if isinstance(default, tuple):
         return ",".join(default) or "none"
     return repr(default) if default != "" else "unset"
 
 
 def _convert(item: dataclasses.Field[Any], raw: str | bool | Sequence[str]) -> Any:
     kind = _field_kind(item)
-    if kind is list:
+    if kind is tuple:
         parts = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[arg-type]
-        return [part.strip() for part in parts if part.strip()]
+        return tuple(part.strip() for part in parts if part.strip())
     if kind is bool:
         if isinstance(raw, bool):
             return raw

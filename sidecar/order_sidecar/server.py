@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -30,18 +30,24 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self._max_inflight_entities = max_inflight_entities
 
     async def Publish(
-        self, request: sidecar_pb2.PublishRequest, context: grpc.aio.ServicerContext
+        self,
+        request: sidecar_pb2.PublishRequest,
+        context: grpc.aio.ServicerContext[sidecar_pb2.PublishRequest, sidecar_pb2.PublishResponse],
     ) -> sidecar_pb2.PublishResponse:
         """Publish one event in its entity's order."""
         try:
             event = event_from_request(request)
             stored = await self._publisher.publish(event, context.time_remaining())
-        except Exception as error:  # noqa: BLE001 - this is the edge that maps errors
+        except Exception as error:
             await _abort(context, error)
         return _response(stored)
 
     async def PublishBatch(
-        self, request: sidecar_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+        self,
+        request: sidecar_pb2.PublishBatchRequest,
+        context: grpc.aio.ServicerContext[
+            sidecar_pb2.PublishBatchRequest, sidecar_pb2.PublishBatchResponse
+        ],
     ) -> sidecar_pb2.PublishBatchResponse:
         """Publish many events; one result per event, in request order."""
         if len(request.events) > self._max_batch:
@@ -54,7 +60,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             )
         try:
             outcomes = await self._publish_batch(request, context.time_remaining())
-        except Exception as error:  # noqa: BLE001 - this is the edge that maps errors
+        except Exception as error:
             await _abort(context, error)
         return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
 
@@ -127,7 +133,7 @@ def _result(outcome: BatchOutcome) -> sidecar_pb2.PublishResult:
     return sidecar_pb2.PublishResult(code=code.value[0], message=message)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
     code, message = grpc_status(error)
     if isinstance(error, SidecarError):
         log.info("rpc failed: %s: %s", code.name, message)

@@ -83,7 +83,7 @@ class EventStream:
         """Create the stream, or check that an existing one fits; ConfigError if not."""
         desired = self._desired_config()
         try:
-            info = await self._jsm.stream_info(desired.name)
+            info = await self._jsm.stream_info(self._options.stream)
         except nats.js.errors.NotFoundError:
             info = None
         except _NATS_DOWN as error:
@@ -100,7 +100,7 @@ class EventStream:
                     raise ConfigError(
                         f"cannot create stream {desired.name}: {error.description}"
                     ) from error
-            info = await self._jsm.stream_info(desired.name)
+            info = await self._jsm.stream_info(self._options.stream)
         _check_existing(info.config, desired)
 
     def _desired_config(self) -> StreamConfig:
@@ -125,7 +125,9 @@ class EventStream:
         """
         self._require_connection()
         try:
-            msg = await self._jsm.get_last_msg(self._options.stream, subject, direct=not from_leader)
+            msg = await self._jsm.get_last_msg(
+                self._options.stream, subject, direct=not from_leader
+            )
         except nats.js.errors.NotFoundError:
             return EntityPosition(0, 0)
         except _NATS_DOWN as error:
@@ -134,9 +136,7 @@ class EventStream:
             ) from error
         return EntityPosition(_entity_sequence(msg), int(msg.seq or 0))
 
-    async def append(
-        self, subject: str, event: Event, after: EntityPosition
-    ) -> Stored:
+    async def append(self, subject: str, event: Event, after: EntityPosition) -> Stored:
         """Publish *event* as the entity's next event, only if *after* is still its last.
 
         Raises FencingConflict when the broker says the subject moved on.

@@ -146,8 +146,10 @@ def format_table(reports: dict[str, TypeReport]) -> str:
     rows.append(["TOTAL", *(str(getattr(total, c)) for c in columns)])
     header = ["entity_type", *columns]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)
 
 

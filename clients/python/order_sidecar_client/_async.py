@@ -49,9 +49,7 @@ class AsyncSidecarClient:
             todo = pending_indexes(results)
             if not todo:
                 break
-            request = sidecar_pb2.PublishBatchRequest(
-                events=[events[i].to_request() for i in todo]
-            )
+            request = sidecar_pb2.PublishBatchRequest(events=[events[i].to_request() for i in todo])
             try:
                 response = await self._stub.PublishBatch(
                     request, timeout=self.retry.attempt_timeout

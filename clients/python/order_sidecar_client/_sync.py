@@ -53,9 +53,7 @@ class SidecarClient:
             todo = pending_indexes(results)
             if not todo:
                 break
-            request = sidecar_pb2.PublishBatchRequest(
-                events=[events[i].to_request() for i in todo]
-            )
+            request = sidecar_pb2.PublishBatchRequest(events=[events[i].to_request() for i in todo])
             try:
                 response = self._stub.PublishBatch(request, timeout=self.retry.attempt_timeout)
                 for index, result in zip(todo, batch_results(response, len(todo)), strict=True):

@@ -37,9 +37,7 @@ class Event:
 
     def __post_init__(self) -> None:
         if self.operation.lower() not in OPERATIONS:
-            raise ValueError(
-                f"operation {self.operation!r} is not one of {', '.join(OPERATIONS)}"
-            )
+            raise ValueError(f"operation {self.operation!r} is not one of {', '.join(OPERATIONS)}")
 
     def to_request(self) -> sidecar_pb2.PublishRequest:
         """The gRPC request."""
@@ -116,9 +114,7 @@ class RetryPolicy:
 BatchResult = Published | SidecarError
 
 
-def batch_results(
-    response: sidecar_pb2.PublishBatchResponse, count: int
-) -> list[BatchResult]:
+def batch_results(response: sidecar_pb2.PublishBatchResponse, count: int) -> list[BatchResult]:
     """Per-event results of a batch response."""
     if len(response.results) != count:
         raise SidecarError(

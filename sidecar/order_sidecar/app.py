@@ -23,6 +23,7 @@ from .stream import EventStream
 
 log = logging.getLogger(__name__)
 
+STARTUP_CONNECT_ATTEMPTS = 3
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
 
 
@@ -45,7 +46,7 @@ async def connect_nats(url: str, name: str) -> NatsClient:
             url,
             name=name,
             connect_timeout=2,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=STARTUP_CONNECT_ATTEMPTS,
             reconnect_time_wait=1,
             allow_reconnect=True,
             error_cb=on_error,
@@ -54,6 +55,9 @@ async def connect_nats(url: str, name: str) -> NatsClient:
         )
     except Exception as error:
         raise Unavailable(f"cannot connect to NATS at {url}: {error!r}") from error
+    # nats-py applies one limit to the first connect and to reconnects; once connected,
+    # a sidecar should wait out any NATS outage rather than give up.
+    client.options["max_reconnect_attempts"] = -1
     return client
 
 
@@ -67,6 +71,7 @@ class SidecarApp:
         self._locks = RedisLockBackend(list(config.redis_url))
         self._health = health_aio.HealthServicer()
         self.publisher: Publisher | None = None
+        self._service: SidecarService | None = None
         self.port = 0
 
     @property
@@ -85,9 +90,8 @@ class SidecarApp:
             stream, EntityGates(self._locks, policy), cfg.stream, cfg.max_conflict_retries
         )
         server = grpc.aio.server()
-        sidecar_pb2_grpc.add_SidecarServicer_to_server(
-            SidecarService(self.publisher, cfg.max_batch, cfg.max_inflight_entities), server
-        )
+        self._service = SidecarService(self.publisher, cfg.max_batch, cfg.max_inflight_entities)
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -119,8 +123,12 @@ class SidecarApp:
     async def stop(self) -> None:
         """Stop taking RPCs, finish those in flight, release locks, close connections."""
         await self._health.enter_graceful_shutdown()
+        if self._service is not None:
+            left = await self._service.drain(self.config.shutdown_grace)
+            if left:
+                log.warning("%d requests still running after the grace period: cancelled", left)
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace)
+            await self._server.stop(0)
         await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
             if self._nc.is_connected:

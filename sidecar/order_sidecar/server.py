@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .errors import EarlierEventFailed, InvalidEvent, SidecarError, grpc_status
+from .errors import EarlierEventFailed, InvalidEvent, ShuttingDown, SidecarError, grpc_status
 from .events import Event, event_from_request
 from .publisher import Publisher
 from .stream import Stored
@@ -28,6 +29,31 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self._publisher = publisher
         self._max_batch = max_batch
         self._max_inflight_entities = max_inflight_entities
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new RPCs; wait up to *grace* seconds for those in flight. Returns how many
+        are still running (grpc's own stop would cancel them at once)."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        return self._in_flight
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        if self._draining:
+            raise ShuttingDown("sidecar is shutting down; retry (on another replica)")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def Publish(
         self,
@@ -36,8 +62,9 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
     ) -> sidecar_pb2.PublishResponse:
         """Publish one event in its entity's order."""
         try:
-            event = event_from_request(request)
-            stored = await self._publisher.publish(event, context.time_remaining())
+            with self._tracked():
+                event = event_from_request(request)
+                stored = await self._publisher.publish(event, context.time_remaining())
         except Exception as error:
             await _abort(context, error)
         return _response(stored)
@@ -59,7 +86,8 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 ),
             )
         try:
-            outcomes = await self._publish_batch(request, context.time_remaining())
+            with self._tracked():
+                outcomes = await self._publish_batch(request, context.time_remaining())
         except Exception as error:
             await _abort(context, error)
         return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])

@@ -15,8 +15,16 @@ OPERATIONS = {
     "update": sidecar_pb2.OPERATION_UPDATE,
     "delete": sidecar_pb2.OPERATION_DELETE,
 }
+# Safe to retry because every retry carries the event's idempotency key. CANCELLED is here
+# because a stopping server cancels calls still in transit; a caller's own cancellation
+# surfaces as asyncio.CancelledError (or KeyboardInterrupt) and is never retried.
 RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 
 
@@ -99,7 +107,7 @@ class SidecarError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE, ABORTED and DEADLINE_EXCEEDED with the same idempotency key."""
+    """Retries of UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED and CANCELLED, same idempotency key."""
 
     attempts: int = 6
     first_backoff: float = 0.05

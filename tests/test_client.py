@@ -1,0 +1,93 @@
+"""The Python client, sync and asyncio, against real sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+from nats.aio.client import Client as NatsClient
+from order_sidecar.app import SidecarApp
+from order_sidecar_client import (
+    AsyncSidecarClient,
+    Event,
+    Published,
+    RetryPolicy,
+    SidecarClient,
+    SidecarError,
+)
+
+from .helpers import message_count
+from .servers import NatsServer, RedisServer, SidecarProcess
+from .test_e2e import sidecar_options
+
+
+async def test_async_client_publishes_and_batches(app: SidecarApp) -> None:
+    async with AsyncSidecarClient(app.target) as client:
+        first = await client.publish(Event("order", "o-1", "create", b"{}"))
+        results = await client.publish_batch(
+            [Event("order", "o-1", "update"), Event("order", "o-2", "create")]
+        )
+    assert first.sequence == 1
+    assert [r.sequence for r in results if isinstance(r, Published)] == [2, 1]
+
+
+def test_sync_client_reports_non_retryable_errors(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+) -> None:
+    # A sidecar process: the blocking client would stall an in-process sidecar's loop.
+    sidecar = sidecars("sync", **sidecar_options(nats_server, redis_server, names))
+    with SidecarClient(sidecar.target) as client:
+        assert client.publish(Event("order", "s-1", "create")).sequence == 1
+        with pytest.raises(SidecarError) as caught:
+            client.publish(Event("bad type", "s-1", "create"))
+        results = client.publish_batch(
+            [Event("order", "s-1", "update"), Event("bad type", "x", "update")]
+        )
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not caught.value.retryable
+    assert isinstance(results[0], Published) and results[0].sequence == 2
+    assert isinstance(results[1], SidecarError)
+    assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_event_refuses_unknown_operation() -> None:
+    with pytest.raises(ValueError, match="upsert"):
+        Event("order", "1", "upsert")
+
+
+def test_unreachable_sidecar_is_unavailable_after_retries() -> None:
+    policy = RetryPolicy(attempts=2, first_backoff=0.01, attempt_timeout=1.0)
+    with (
+        SidecarClient("127.0.0.1:1", retry=policy) as client,
+        pytest.raises(SidecarError) as caught,
+    ):
+        client.publish(Event("order", "1", "create"))
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.retryable
+
+
+async def test_async_client_rides_out_a_sidecar_restart_without_duplicates(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+) -> None:
+    sidecar = sidecars("restarting", **sidecar_options(nats_server, redis_server, names))
+    patient = RetryPolicy(attempts=100, first_backoff=0.05, max_backoff=0.2, attempt_timeout=2.0)
+    async with AsyncSidecarClient(sidecar.target, retry=patient) as client:
+        events = [Event("order", f"r{n % 3}", "update", b"%d" % n) for n in range(60)]
+        results: list[Published] = []
+        for n, event in enumerate(events):
+            if n == 30:
+                sidecar.kill()
+                restart = asyncio.get_running_loop().run_in_executor(None, sidecar.start)
+            results.append(await client.publish(event))
+        await restart
+    assert [r.sequence for r in results] == [n // 3 + 1 for n in range(60)]
+    assert await message_count(nc, names["stream"]) == 60

@@ -1,0 +1,94 @@
+"""Configuration from flags and ORDER_SIDECAR_* env vars; the CLI's errors and help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from order_sidecar.cli import build_parser
+from order_sidecar.config import ServeConfig, from_sources
+from order_sidecar.errors import ConfigError
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
+    args = build_parser().parse_args(["serve", *argv])
+    return from_sources(ServeConfig, args, env or {})
+
+
+def test_defaults_are_local_and_valid() -> None:
+    config = parse([])
+    assert config.listen == "127.0.0.1:50051"
+    assert config.redis_url == ("redis://127.0.0.1:6379/0",)
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"ORDER_SIDECAR_PARTITIONS": "32", "ORDER_SIDECAR_STREAM": "FROM_ENV"}
+    config = parse(["--stream", "FROM_FLAG"], env)
+    assert (config.stream, config.partitions) == ("FROM_FLAG", 32)
+
+
+def test_repeatable_redis_url_and_comma_separated_env() -> None:
+    urls = ("redis://a:1/0", "redis://b:2/0", "redis://c:3/0")
+    assert parse([f"--redis-url={u}" for u in urls]).redis_url == urls
+    assert parse([], {"ORDER_SIDECAR_REDIS_URL": ",".join(urls)}).redis_url == urls
+
+
+@pytest.mark.parametrize(
+    "argv, env, complaint",
+    [
+        (["--partitions", "0"], {}, "--partitions"),
+        ([], {"ORDER_SIDECAR_LOCK_TTL": "soon"}, "ORDER_SIDECAR_LOCK_TTL"),
+        (["--listen", "nowhere"], {}, "host:port"),
+        (["--stream", "a.b"], {}, "--stream"),
+        (["--subject-prefix", "a.>"], {}, "--subject-prefix"),
+        (["--redis-url", "http://x"], {}, "redis://"),
+        (["--on-lock-unavailable", "maybe"], {}, "'fence' or 'reject'"),
+    ],
+)
+def test_invalid_values_name_the_flag_and_env_var(
+    argv: list[str], env: dict[str, str], complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match="expected") as caught:
+        parse(argv, env)
+    assert complaint in str(caught.value)
+
+
+def test_cli_exits_2_with_a_clear_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "order_sidecar.cli", "serve", "--lock-ttl", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--lock-ttl / ORDER_SIDECAR_LOCK_TTL" in result.stderr
+
+
+def test_cli_exits_2_when_nats_is_not_there() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "serve",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+
+
+def test_help_lists_every_option_with_its_env_var() -> None:
+    text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name in ServeConfig.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"ORDER_SIDECAR_{name.upper()}" in text

@@ -99,3 +99,28 @@ def test_help_lists_every_option_with_its_env_var() -> None:
     for name in ServeConfig.__dataclass_fields__:
         assert f"--{name.replace('_', '-')}" in text
         assert f"ORDER_SIDECAR_{name.upper()}" in text
+
+
+def test_bench_prints_a_table_and_fails_loudly_without_a_sidecar() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "bench",
+            "--target",
+            "127.0.0.1:1",
+            "--events",
+            "3",
+            "--concurrency",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:4] == ["mode", "events", "failed", "seconds"]
+    assert "first error: UNAVAILABLE" in result.stdout

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .app import SidecarApp, connect_nats
+from .bench import BenchConfig, format_rows, run_bench, write_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .errors import SidecarError
 from .verify import format_json, format_table, verify_stream
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         "duplicates and inversions. Exit status 1 if any.",
     )
     add_arguments(verify, VerifyConfig)
+    bench = commands.add_parser(
+        "bench",
+        help="measure a running sidecar: unary and batch events/s and latency",
+        description="Publish through a running sidecar, first with unary Publish, then with "
+        "PublishBatch, and print events/s with p50/p99 call latency.",
+    )
+    add_arguments(bench, BenchConfig)
     return parser
 
 
@@ -50,6 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(serve_config.log_level)
             asyncio.run(SidecarApp(serve_config).run())
             return 0
+        if args.command == "bench":
+            bench_config = from_sources(BenchConfig, args, os.environ)
+            rows = asyncio.run(run_bench(bench_config))
+            print(format_rows(bench_config, rows))
+            if bench_config.json_out:
+                write_json(bench_config.json_out, bench_config, rows)
+            return 1 if any(row.failed for row in rows) else 0
         verify_config = from_sources(VerifyConfig, args, os.environ)
         return asyncio.run(_verify(verify_config))
     except SidecarError as error:

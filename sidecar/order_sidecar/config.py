@@ -24,7 +24,8 @@ _SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _LOCK_UNAVAILABLE_POLICIES = ("fence", "reject")
 
 
-def _opt(default: Any, help_text: str) -> Any:
+def option(default: Any, help_text: str) -> Any:
+    """A config field with its help text (flag and env var names come from the field)."""
     return field(default=default, metadata={"help": help_text})
 
 
@@ -32,15 +33,15 @@ def _opt(default: Any, help_text: str) -> Any:
 class NatsOptions:
     """Where the stream lives and how it is provisioned."""
 
-    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL")
-    stream: str = _opt("ENTITY_EVENTS", "JetStream stream name")
-    subject_prefix: str = _opt("events", "first subject token(s) of every event")
-    partitions: int = _opt(16, "partition count in the subject; fixed for a stream's life")
-    stream_replicas: int = _opt(1, "stream replicas when the sidecar creates the stream")
-    duplicate_window: float = _opt(
+    nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL")
+    stream: str = option("ENTITY_EVENTS", "JetStream stream name")
+    subject_prefix: str = option("events", "first subject token(s) of every event")
+    partitions: int = option(16, "partition count in the subject; fixed for a stream's life")
+    stream_replicas: int = option(1, "stream replicas when the sidecar creates the stream")
+    duplicate_window: float = option(
         120.0, "seconds JetStream remembers idempotency keys (stream duplicate window)"
     )
-    publish_timeout: float = _opt(5.0, "seconds to wait for JetStream's publish ack")
+    publish_timeout: float = option(5.0, "seconds to wait for JetStream's publish ack")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid option."""
@@ -48,34 +49,34 @@ class NatsOptions:
             _bad("stream", self.stream, "1-255 characters of [A-Za-z0-9_-]")
         if not _SUBJECT_PREFIX.fullmatch(self.subject_prefix):
             _bad("subject_prefix", self.subject_prefix, "dot-separated tokens of [A-Za-z0-9_-]")
-        _check_range("partitions", self.partitions, 1, 100_000)
-        _check_range("stream_replicas", self.stream_replicas, 1, 5)
-        _check_range("duplicate_window", self.duplicate_window, 1.0, 7 * 86400.0)
-        _check_range("publish_timeout", self.publish_timeout, 0.1, 300.0)
+        check_range("partitions", self.partitions, 1, 100_000)
+        check_range("stream_replicas", self.stream_replicas, 1, 5)
+        check_range("duplicate_window", self.duplicate_window, 1.0, 7 * 86400.0)
+        check_range("publish_timeout", self.publish_timeout, 0.1, 300.0)
 
 
 @dataclass(frozen=True)
 class ServeConfig(NatsOptions):
     """Options of ``order-sidecar serve``."""
 
-    listen: str = _opt("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
-    redis_url: tuple[str, ...] = _opt(
+    listen: str = option("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
+    redis_url: tuple[str, ...] = option(
         ("redis://127.0.0.1:6379/0",),
         "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)",
     )
-    lock_ttl: float = _opt(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
-    lock_wait: float = _opt(5.0, "seconds to wait for another sidecar's entity lock")
-    on_lock_unavailable: str = _opt(
+    lock_ttl: float = option(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
+    lock_wait: float = option(5.0, "seconds to wait for another sidecar's entity lock")
+    on_lock_unavailable: str = option(
         "fence",
         "when the lock backend is down: 'fence' publishes on, order kept by the broker's "
         "fencing check; 'reject' answers UNAVAILABLE",
     )
-    producer_id: str = _opt("", "name of this producer in logs (default: host-pid)")
-    max_batch: int = _opt(1000, "most events in one PublishBatch")
-    max_conflict_retries: int = _opt(20, "fenced publish attempts before answering ABORTED")
-    max_inflight_entities: int = _opt(64, "entities of one batch published concurrently")
-    shutdown_grace: float = _opt(10.0, "seconds SIGTERM waits for in-flight requests")
-    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    producer_id: str = option("", "name of this producer in logs (default: host-pid)")
+    max_batch: int = option(1000, "most events in one PublishBatch")
+    max_conflict_retries: int = option(20, "fenced publish attempts before answering ABORTED")
+    max_inflight_entities: int = option(64, "entities of one batch published concurrently")
+    shutdown_grace: float = option(10.0, "seconds SIGTERM waits for in-flight requests")
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     @property
     def producer_name(self) -> str:
@@ -93,14 +94,14 @@ class ServeConfig(NatsOptions):
         for url in self.redis_url:
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 _bad("redis_url", url, "a redis://, rediss:// or unix:// URL")
-        _check_range("lock_ttl", self.lock_ttl, 0.5, 3600.0)
-        _check_range("lock_wait", self.lock_wait, 0.0, 3600.0)
+        check_range("lock_ttl", self.lock_ttl, 0.5, 3600.0)
+        check_range("lock_wait", self.lock_wait, 0.0, 3600.0)
         if self.on_lock_unavailable not in _LOCK_UNAVAILABLE_POLICIES:
             _bad("on_lock_unavailable", self.on_lock_unavailable, "'fence' or 'reject'")
-        _check_range("max_batch", self.max_batch, 1, 100_000)
-        _check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
-        _check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
-        _check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
+        check_range("max_batch", self.max_batch, 1, 100_000)
+        check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
+        check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
+        check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             _bad("log_level", self.log_level, "DEBUG, INFO, WARNING or ERROR")
 
@@ -109,9 +110,9 @@ class ServeConfig(NatsOptions):
 class VerifyConfig:
     """Options of ``order-sidecar verify``."""
 
-    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL")
-    stream: str = _opt("ENTITY_EVENTS", "JetStream stream name")
-    json: bool = _opt(False, "print the report as JSON")
+    nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL")
+    stream: str = option("ENTITY_EVENTS", "JetStream stream name")
+    json: bool = option(False, "print the report as JSON")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid option."""
@@ -135,7 +136,7 @@ def _bad(field_name: str, value: object, allowed: str) -> None:
     )
 
 
-def _check_range(field_name: str, value: float, low: float, high: float) -> None:
+def check_range(field_name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         _bad(field_name, value, f"a number from {low} to {high}")
 

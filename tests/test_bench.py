@@ -1,0 +1,44 @@
+"""The bench command runs against a real sidecar and reports every event (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .servers import NatsServer, RedisServer, SidecarProcess
+from .test_e2e import sidecar_options
+
+
+def test_bench_measures_unary_and_batch(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    sidecar = sidecars("bench", **sidecar_options(nats_server, redis_server, names))
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "bench",
+            f"--target={sidecar.target}",
+            "--events=300",
+            "--entities=10",
+            "--batch-size=50",
+            f"--json-out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["events"], r["failed"]) for r in rows] == [(300, 0), (300, 0)]
+    assert all(r["events_per_s"] > 0 for r in rows)

@@ -211,3 +211,30 @@ async def _until_gone(redis: Redis, key: str, timeout: float) -> None:
 def test_wait_until_reports_what_it_waited_for() -> None:
     with pytest.raises(TimeoutError, match="the moon"):
         wait_until(lambda: False, 0.05, "the moon")
+
+
+async def test_one_sidecar_never_contends_with_itself(serve_config: ServeConfig) -> None:
+    """Concurrent requests for one entity queue in the sidecar: one lock acquire for all."""
+    app = SidecarApp(serve_config)
+    await app.start()
+    try:
+        assert app.publisher is not None
+        gates = app.publisher._gates
+        backend = gates._backend
+        acquires = 0
+        real_acquire = backend.acquire
+
+        async def counting_acquire(key: str, ttl: float, wait: float) -> object:
+            nonlocal acquires
+            acquires += 1
+            return await real_acquire(key, ttl, wait)
+
+        backend.acquire = counting_acquire  # type: ignore[method-assign,assignment]
+        events = [Event("patient", "hot", "update", b"%d" % n, {}, f"h{n}") for n in range(50)]
+        stored = await asyncio.gather(*(app.publisher.publish(e) for e in events))
+        assert sorted(s.sequence for s in stored) == list(range(1, 51))
+        assert [s.sequence for s in stored] == list(range(1, 51)), "FIFO per entity"
+        assert acquires == 1
+        assert app.publisher.stats.fenced == 0
+    finally:
+        await app.stop()

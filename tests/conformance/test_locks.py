@@ -1,0 +1,126 @@
+"""One conformance suite for every LockBackend, on real servers.
+
+Each backend fixture yields a factory of independent clients (as separate sidecars
+would have) plus the servers behind them, so tests can stop servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from order_sidecar.errors import LockBackendUnavailable
+from order_sidecar.locks import LockBackend
+from order_sidecar.locks.redis import RedisLockBackend
+
+from ..servers import ManagedProcess, RedisServer
+
+TTL = 1.0
+
+
+@dataclass
+class BackendUnderTest:
+    """A way to make clients of one backend, and the servers it needs."""
+
+    name: str
+    servers: list[ManagedProcess]
+    make: Callable[[], LockBackend]
+
+
+def _redis(tmp_path: Path, masters: int) -> BackendUnderTest:
+    servers = [RedisServer(tmp_path, f"redis-{n}") for n in range(masters)]
+    for server in servers:
+        server.start()
+    urls = [server.url for server in servers]
+    return BackendUnderTest(
+        f"redis x{masters}", list(servers), lambda: RedisLockBackend(urls, io_timeout=0.5)
+    )
+
+
+@pytest.fixture(params=["redis-single", "redis-quorum-3"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BackendUnderTest]:
+    under_test = _redis(tmp_path, 1 if request.param == "redis-single" else 3)
+    yield under_test
+    for server in under_test.servers:
+        server.kill()
+
+
+@pytest.fixture
+async def clients(backend: BackendUnderTest) -> AsyncIterator[list[LockBackend]]:
+    made = [backend.make() for _ in range(3)]
+    yield made
+    for client in made:
+        await client.close()
+
+
+async def test_only_one_of_many_acquirers_wins(clients: list[LockBackend]) -> None:
+    results = await asyncio.gather(*(c.acquire("k-race", TTL, 0.0) for c in clients * 4))
+    assert sum(1 for lease in results if lease is not None) == 1
+
+
+async def test_losing_a_race_is_none_after_the_wait(clients: list[LockBackend]) -> None:
+    first, second = clients[0], clients[1]
+    assert await first.acquire("k-wait", 10.0, 0.0) is not None
+    started = asyncio.get_running_loop().time()
+    assert await second.acquire("k-wait", 10.0, 0.3) is None
+    assert asyncio.get_running_loop().time() - started >= 0.3
+
+
+async def test_a_waiter_gets_the_lock_when_it_is_released(clients: list[LockBackend]) -> None:
+    lease = await clients[0].acquire("k-handover", 10.0, 0.0)
+    assert lease is not None
+    waiter = asyncio.ensure_future(clients[1].acquire("k-handover", 10.0, 5.0))
+    await asyncio.sleep(0.1)  # a window in which the waiter must not get a held lock
+    assert not waiter.done()
+    await clients[0].release(lease)
+    assert await waiter is not None
+
+
+async def test_an_unrenewed_lock_expires(clients: list[LockBackend]) -> None:
+    assert await clients[0].acquire("k-expire", TTL, 0.0) is not None
+    assert await clients[1].acquire("k-expire", TTL, TTL * 3) is not None
+
+
+async def test_renewal_keeps_the_lock_past_its_ttl(clients: list[LockBackend]) -> None:
+    lease = await clients[0].acquire("k-renew", TTL, 0.0)
+    assert lease is not None
+    for _ in range(4):
+        await asyncio.sleep(TTL / 3)
+        assert await clients[0].renew(lease)
+    assert await clients[1].acquire("k-renew", TTL, 0.0) is None
+
+
+async def test_an_expired_lease_cannot_be_renewed(clients: list[LockBackend]) -> None:
+    lease = await clients[0].acquire("k-late", TTL, 0.0)
+    assert lease is not None
+    assert await clients[1].acquire("k-late", TTL, TTL * 3) is not None
+    assert not await clients[0].renew(lease)
+
+
+async def test_release_by_a_non_owner_does_not_free_the_lock(clients: list[LockBackend]) -> None:
+    stale = await clients[0].acquire("k-owner", TTL, 0.0)
+    assert stale is not None
+    current = await clients[1].acquire("k-owner", 10.0, TTL * 3)
+    assert current is not None
+    await clients[0].release(stale)  # must not raise, must not free the new owner's lock
+    assert await clients[2].acquire("k-owner", 10.0, 0.0) is None
+
+
+async def test_server_loss(backend: BackendUnderTest, clients: list[LockBackend]) -> None:
+    """A quorum survives a minority down and refuses without a majority; one master is all."""
+    majority = len(backend.servers) // 2 + 1
+    for server in backend.servers[: majority - 1]:
+        server.kill()
+    if majority > 1:
+        assert await clients[0].acquire("k-minority-down", TTL, 0.0) is not None
+    backend.servers[majority - 1].kill()
+    with pytest.raises(LockBackendUnavailable):
+        await clients[1].acquire("k-majority-down", TTL, 0.0)
+    for server in backend.servers:
+        server.start()
+    assert await clients[2].acquire("k-back", TTL, 1.0) is not None

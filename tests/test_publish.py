@@ -125,7 +125,7 @@ async def test_batch_with_invalid_event_publishes_none_of_that_entity(
 async def test_broker_refuses_a_stale_append(app: SidecarApp, nc: NatsClient) -> None:
     """G4 at its root: an append whose expected position is stale never lands."""
     assert app.publisher is not None
-    stream = app.publisher._stream
+    stream = app.publisher.stream
     event = Event("patient", "fenced", "update", b"x", {}, "k1")
     subject = stream.subject_for(event)
     first = await stream.append(subject, event, EntityPosition(0, 0))

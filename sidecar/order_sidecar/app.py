@@ -16,6 +16,7 @@ from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from .config import ServeConfig
 from .errors import Unavailable
 from .gates import EntityGates, LockPolicy
+from .leases import LeaseRegistry
 from .locks.redis import RedisLockBackend
 from .publisher import Publisher
 from .server import SidecarService
@@ -87,10 +88,16 @@ class SidecarApp:
         await stream.ensure_stream()
         policy = LockPolicy(cfg.lock_ttl, cfg.lock_wait, cfg.on_lock_unavailable == "reject")
         self.publisher = Publisher(
-            stream, EntityGates(self._locks, policy), cfg.stream, cfg.max_conflict_retries
+            stream,
+            EntityGates(self._locks, policy),
+            LeaseRegistry(self._locks, stream, cfg.stream),
+            cfg.stream,
+            cfg.max_conflict_retries,
         )
         server = grpc.aio.server()
-        self._service = SidecarService(self.publisher, cfg.max_batch, cfg.max_inflight_entities)
+        self._service = SidecarService(
+            self.publisher, cfg.max_batch, cfg.max_inflight_entities, cfg.lock_ttl
+        )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -129,6 +136,8 @@ class SidecarApp:
                 log.warning("%d requests still running after the grace period: cancelled", left)
         if self._server is not None:
             await self._server.stop(0)
+        if self.publisher is not None:
+            await self.publisher.leases.release_all()
         await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
             if self._nc.is_connected:

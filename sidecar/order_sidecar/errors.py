@@ -34,6 +34,24 @@ class IdempotencyKeyReused(SidecarError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PreconditionFailed(SidecarError):
+    """The entity is not where the caller said (expected_sequence), or the version is stale."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LeaseLost(SidecarError):
+    """The caller's lease expired, was lost, or is unknown here: re-acquire and redo the work."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LeaseNotFound(SidecarError):
+    """ReleaseLease of a lease this sidecar does not hold (expired, released or foreign)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class Contention(SidecarError):
     """Other producers kept this entity busy; retrying with the same key is safe."""
 

@@ -35,6 +35,9 @@ class Event:
     payload: bytes
     headers: dict[str, str] = field(default_factory=dict)
     idempotency_key: str = ""
+    lease_id: str = ""
+    expected_sequence: int | None = None
+    entity_version: int | None = None
 
     @property
     def entity_key(self) -> tuple[str, str]:
@@ -71,6 +74,11 @@ def event_from_request(request: sidecar_pb2.PublishRequest) -> Event:
         payload=request.payload,
         headers=headers,
         idempotency_key=key or f"gen-{uuid.uuid4().hex}",
+        lease_id=request.lease_id,
+        expected_sequence=(
+            request.expected_sequence if request.HasField("expected_sequence") else None
+        ),
+        entity_version=request.entity_version if request.HasField("entity_version") else None,
     )
 
 
@@ -83,6 +91,12 @@ def check_size(event: Event, max_payload: int) -> None:
             f"{max_payload} bytes per message including about {overhead} bytes of headers; "
             "store large blobs elsewhere and publish a reference"
         )
+
+
+def check_entity(entity_type: str, entity_id: str) -> None:
+    """Raise InvalidEvent unless the type and id are usable."""
+    _check_entity_type(entity_type)
+    _check_entity_id(entity_id)
 
 
 def _check_entity_type(entity_type: str) -> None:

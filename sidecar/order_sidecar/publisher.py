@@ -17,9 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import wire
-from .errors import Contention, EarlierEventFailed, FencingConflict, SidecarError
+from .errors import (
+    Contention,
+    EarlierEventFailed,
+    FencingConflict,
+    InvalidEvent,
+    LeaseLost,
+    PreconditionFailed,
+    SidecarError,
+)
 from .events import Event, check_size
 from .gates import EntityGate, EntityGates
+from .leases import LeaseRegistry
 from .stream import EntityPosition, EventStream, Stored
 
 log = logging.getLogger(__name__)
@@ -40,10 +49,16 @@ class Publisher:
     """Publishes events in per-entity order."""
 
     def __init__(
-        self, stream: EventStream, gates: EntityGates, stream_name: str, max_attempts: int
+        self,
+        stream: EventStream,
+        gates: EntityGates,
+        leases: LeaseRegistry,
+        stream_name: str,
+        max_attempts: int,
     ) -> None:
-        self._stream = stream
+        self.stream = stream
         self._gates = gates
+        self.leases = leases
         self._stream_name = stream_name
         self._max_attempts = max_attempts
         self.stats = PublishStats()
@@ -54,7 +69,9 @@ class Publisher:
 
     async def publish(self, event: Event, budget: float | None = None) -> Stored:
         """Publish one event; return where it is stored."""
-        check_size(event, self._stream.max_payload)
+        check_size(event, self.stream.max_payload)
+        if event.lease_id:
+            return await self._publish_leased(event)
         async with self._gates.hold(self.lock_key(event)) as gate:
             return await self._publish_held(gate, event, _deadline(budget))
 
@@ -67,8 +84,11 @@ class Publisher:
         async with self._gates.hold(self.lock_key(events[0])) as gate:
             for index, event in enumerate(events):
                 try:
-                    check_size(event, self._stream.max_payload)
-                    results.append(await self._publish_held(gate, event, deadline))
+                    check_size(event, self.stream.max_payload)
+                    if event.lease_id:
+                        results.append(await self._publish_leased(event))
+                    else:
+                        results.append(await self._publish_held(gate, event, deadline))
                 except SidecarError as error:
                     results.append(error)
                     results.extend(_skipped(events[index + 1 :]))
@@ -76,14 +96,20 @@ class Publisher:
         return results
 
     async def _publish_held(self, gate: EntityGate, event: Event, deadline: float | None) -> Stored:
-        subject = self._stream.subject_for(event)
+        subject = self.stream.subject_for(event)
         from_leader = False
         for attempt in range(self._max_attempts):
             await self._gates.ensure_lease(gate, _remaining(deadline))
             try:
-                if gate.position is None:
-                    gate.position = await self._stream.position(subject, from_leader=from_leader)
-                stored = await self._stream.append(subject, event, gate.position)
+                if gate.position is None or _violates(event, gate.position):
+                    # A refusal must rest on fresh data, not on what we cached.
+                    gate.position = await self.stream.position(
+                        subject, from_leader=from_leader or gate.position is not None
+                    )
+                refusal = _precondition_result(event, gate.position, subject)
+                if refusal is not None:
+                    return refusal
+                stored = await self.stream.append(subject, event, gate.position)
             except FencingConflict:
                 gate.position, from_leader = None, True
                 self.stats.fenced += 1
@@ -94,16 +120,74 @@ class Publisher:
             except BaseException:
                 gate.position = None
                 raise
-            if stored.duplicate:
-                self.stats.duplicates += 1
-            else:
-                self.stats.published += 1
-                gate.position = EntityPosition(stored.sequence, stored.stream_sequence)
+            self._count(stored)
+            if not stored.duplicate:
+                gate.position = gate.position.after(stored, event)
             return stored
         raise Contention(
             f"{subject} changed under {self._max_attempts} attempts in a row; retry with the "
             "same idempotency_key"
         )
+
+    async def _publish_leased(self, event: Event) -> Stored:
+        lease = self.leases.get(event.lease_id)
+        if (lease.entity_type, lease.entity_id) != event.entity_key:
+            raise InvalidEvent(
+                f"lease {lease.lease_id} is for {lease.entity_type}/{lease.entity_id}, not "
+                f"{event.entity_type}/{event.entity_id}"
+            )
+        async with lease.mutex:
+            lease.check_alive()
+            refusal = _precondition_result(event, lease.position, lease.subject)
+            if refusal is not None:
+                return refusal
+            try:
+                stored = await self.stream.append(lease.subject, event, lease.position)
+            except FencingConflict as error:
+                self.stats.fenced += 1
+                lease.lost = "another producer published the entity (lock expired or taken over)"
+                raise LeaseLost(
+                    f"lease {lease.lease_id} was lost: {lease.lost}; nothing was published: "
+                    "acquire a new lease and redo the transaction"
+                ) from error
+            self._count(stored)
+            if not stored.duplicate:
+                lease.position = lease.position.after(stored, event)
+            return stored
+
+    def _count(self, stored: Stored) -> None:
+        if stored.duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.published += 1
+
+
+def _violates(event: Event, position: EntityPosition) -> bool:
+    if event.expected_sequence is not None and event.expected_sequence != position.sequence:
+        return True
+    return (
+        event.entity_version is not None
+        and position.version is not None
+        and event.entity_version <= position.version
+    )
+
+
+def _precondition_result(event: Event, position: EntityPosition, subject: str) -> Stored | None:
+    """None to go ahead; the first result for a retry of the last event; else refuse."""
+    if not _violates(event, position):
+        return None
+    if position.msg_id == wire.msg_id(event.entity_type, event.entity_id, event.idempotency_key):
+        return Stored(position.sequence, position.stream_sequence, subject, duplicate=True)
+    entity = f"{event.entity_type}/{event.entity_id}"
+    if event.expected_sequence is not None and event.expected_sequence != position.sequence:
+        raise PreconditionFailed(
+            f"{entity}: last sequence is {position.sequence}, expected "
+            f"{event.expected_sequence}; not published: re-read the entity and retry"
+        )
+    raise PreconditionFailed(
+        f"{entity}: entity_version {event.entity_version} is stale, the last published "
+        f"version is {position.version}; not published"
+    )
 
 
 def _skipped(events: Sequence[Event]) -> list[Stored | SidecarError]:

@@ -14,6 +14,7 @@ from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .errors import EarlierEventFailed, InvalidEvent, ShuttingDown, SidecarError, grpc_status
 from .events import Event, event_from_request
+from .lease_rpcs import lease_reply, lease_terms
 from .publisher import Publisher
 from .stream import Stored
 
@@ -25,8 +26,15 @@ BatchOutcome = Stored | SidecarError
 class SidecarService(sidecar_pb2_grpc.SidecarServicer):
     """Implements ordersidecar.v1.Sidecar on top of a Publisher."""
 
-    def __init__(self, publisher: Publisher, max_batch: int, max_inflight_entities: int) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        max_batch: int,
+        max_inflight_entities: int,
+        default_lease_ttl: float,
+    ) -> None:
         self._publisher = publisher
+        self._default_lease_ttl = default_lease_ttl
         self._max_batch = max_batch
         self._max_inflight_entities = max_inflight_entities
         self._in_flight = 0
@@ -91,6 +99,51 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         except Exception as error:
             await _abort(context, error)
         return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
+
+    async def AcquireLease(
+        self,
+        request: sidecar_pb2.AcquireLeaseRequest,
+        context: grpc.aio.ServicerContext[sidecar_pb2.AcquireLeaseRequest, sidecar_pb2.Lease],
+    ) -> sidecar_pb2.Lease:
+        """Take an entity's lock for the caller."""
+        try:
+            with self._tracked():
+                ttl, wait = lease_terms(request, self._default_lease_ttl, context.time_remaining())
+                subject = self._publisher.stream.subject_of(request.entity_type, request.entity_id)
+                lease = await self._publisher.leases.acquire(
+                    request.entity_type, request.entity_id, subject, ttl, wait
+                )
+        except Exception as error:
+            await _abort(context, error)
+        return lease_reply(lease)
+
+    async def RenewLease(
+        self,
+        request: sidecar_pb2.RenewLeaseRequest,
+        context: grpc.aio.ServicerContext[sidecar_pb2.RenewLeaseRequest, sidecar_pb2.Lease],
+    ) -> sidecar_pb2.Lease:
+        """Extend a lease by its TTL."""
+        try:
+            with self._tracked():
+                lease = await self._publisher.leases.renew(request.lease_id)
+        except Exception as error:
+            await _abort(context, error)
+        return lease_reply(lease)
+
+    async def ReleaseLease(
+        self,
+        request: sidecar_pb2.ReleaseLeaseRequest,
+        context: grpc.aio.ServicerContext[
+            sidecar_pb2.ReleaseLeaseRequest, sidecar_pb2.ReleaseLeaseResponse
+        ],
+    ) -> sidecar_pb2.ReleaseLeaseResponse:
+        """Give a lease up."""
+        try:
+            with self._tracked():
+                await self._publisher.leases.release(request.lease_id)
+        except Exception as error:
+            await _abort(context, error)
+        return sidecar_pb2.ReleaseLeaseResponse()
 
     async def _publish_batch(
         self, request: sidecar_pb2.PublishBatchRequest, budget: float | None

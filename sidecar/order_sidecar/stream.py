@@ -42,10 +42,22 @@ _NATS_DOWN = (
 
 @dataclass(frozen=True)
 class EntityPosition:
-    """Where an entity stands: its last Entity-Sequence and that message's stream sequence."""
+    """Where an entity stands: its last event's Entity-Sequence, stream sequence,
+    Entity-Version (None when that event has none) and Nats-Msg-Id."""
 
     sequence: int
     stream_sequence: int
+    version: int | None = None
+    msg_id: str = ""
+
+    def after(self, stored: Stored, event: Event) -> EntityPosition:
+        """The entity's position once *stored* (the append of *event*) is its last event."""
+        return EntityPosition(
+            stored.sequence,
+            stored.stream_sequence,
+            event.entity_version,
+            wire.msg_id(event.entity_type, event.entity_id, event.idempotency_key),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,12 @@ class EventStream:
 
     def subject_for(self, event: Event) -> str:
         """The subject of *event*'s entity."""
+        return self.subject_of(event.entity_type, event.entity_id)
+
+    def subject_of(self, entity_type: str, entity_id: str) -> str:
+        """The subject of an entity."""
         opts = self._options
-        return wire.subject_for(
-            opts.subject_prefix, event.entity_type, event.entity_id, opts.partitions
-        )
+        return wire.subject_for(opts.subject_prefix, entity_type, entity_id, opts.partitions)
 
     async def ensure_stream(self) -> None:
         """Create the stream, or check that an existing one fits; ConfigError if not."""
@@ -134,7 +148,14 @@ class EventStream:
             raise Unavailable(
                 f"NATS did not answer reading {subject} ({type(error).__name__}); retry later"
             ) from error
-        return EntityPosition(_entity_sequence(msg), int(msg.seq or 0))
+        headers = msg.headers or {}
+        raw_version = headers.get(wire.HEADER_ENTITY_VERSION, "")
+        return EntityPosition(
+            _entity_sequence(msg),
+            int(msg.seq or 0),
+            int(raw_version) if raw_version.isdigit() else None,
+            headers.get(wire.HEADER_MSG_ID, ""),
+        )
 
     async def append(self, subject: str, event: Event, after: EntityPosition) -> Stored:
         """Publish *event* as the entity's next event, only if *after* is still its last.
@@ -154,6 +175,8 @@ class EventStream:
             ),
             wire.HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: str(after.stream_sequence),
         }
+        if event.entity_version is not None:
+            headers[wire.HEADER_ENTITY_VERSION] = str(event.entity_version)
         try:
             ack = await self._js.publish(subject, event.payload, headers=headers)
         except nats.js.errors.APIError as error:

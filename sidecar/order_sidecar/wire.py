@@ -14,6 +14,7 @@ HEADER_ENTITY_TYPE: Final = "Entity-Type"
 HEADER_ENTITY_ID: Final = "Entity-Id"
 HEADER_ENTITY_SEQUENCE: Final = "Entity-Sequence"
 HEADER_ENTITY_OPERATION: Final = "Entity-Operation"
+HEADER_ENTITY_VERSION: Final = "Entity-Version"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 RESERVED_HEADER_PREFIXES: Final = ("nats-", "entity-")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import sys
 import time
+import uuid
 
 from pottery import AIORedlock
 from pottery.exceptions import ExtendUnlockedLock, QuorumIsImpossible, ReleaseUnlockedLock
@@ -17,19 +19,21 @@ from redis.exceptions import RedisError
 
 from ..errors import LockBackendUnavailable
 from .base import Lease
+from .fairqueue import FairQueue
 
 log = logging.getLogger(__name__)
 # pottery logs a full traceback for every unreachable master; our own line says enough.
 logging.getLogger("pottery").setLevel(logging.CRITICAL)
 
 _FIRST_RETRY_DELAY = 0.005
-_MAX_RETRY_DELAY = 0.1
+_MAX_RETRY_DELAY = 0.05
 
 
 class RedisLockBackend:
     """Locks as Redlock keys ``redlock:ordersidecar:{key}`` on every master.
 
     With several masters a lock needs a majority, so it survives a minority down.
+    Waiters queue first come, first served on the first master (see ``fairqueue``).
     """
 
     name = "redis"
@@ -44,33 +48,56 @@ class RedisLockBackend:
             )
             for url in urls
         ]
+        self._queue = FairQueue(self._masters[0])
 
     async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
-        """Try at once, then retry with a short jittered backoff until *wait* runs out."""
+        """Try at once; if taken, queue up (first come, first served) until *wait* runs out."""
         deadline = time.monotonic() + wait
         delay = _FIRST_RETRY_DELAY
-        while True:
-            lock = AIORedlock(
-                key=f"ordersidecar:{key}",
-                masters=self._masters,
-                auto_release_time=ttl,
-                num_extensions=sys.maxsize,
-                raise_on_redis_errors=True,
-            )
-            try:
-                acquired = await lock.acquire(blocking=False)
-            except (QuorumIsImpossible, RedisError, OSError) as error:
-                raise LockBackendUnavailable(
-                    f"Redis lock backend unreachable ({type(error).__name__}); "
-                    "check --redis-url and that a majority of masters is up"
-                ) from error
-            if acquired:
-                return Lease(key=key, ttl=ttl, handle=lock)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-            delay = min(delay * 2, _MAX_RETRY_DELAY)
+        waiter = uuid.uuid4().hex
+        queued = False
+        try:
+            while True:
+                if await self._may_try(key, waiter, join=queued):
+                    lease = await self._try_once(key, ttl)
+                    if lease is not None:
+                        return lease
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                queued = True
+                await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+        finally:
+            if queued:
+                await self._leave_queue(key, waiter)
+
+    async def _may_try(self, key: str, waiter: str, *, join: bool) -> bool:
+        try:
+            return await self._queue.my_turn(key, waiter, join=join)
+        except (RedisError, OSError):
+            return True  # fairness is best effort; safety does not rest on the queue
+
+    async def _leave_queue(self, key: str, waiter: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._queue.leave(key, waiter)
+
+    async def _try_once(self, key: str, ttl: float) -> Lease | None:
+        lock = AIORedlock(
+            key=f"ordersidecar:{key}",
+            masters=self._masters,
+            auto_release_time=ttl,
+            num_extensions=sys.maxsize,
+            raise_on_redis_errors=True,
+        )
+        try:
+            acquired = await lock.acquire(blocking=False)
+        except (QuorumIsImpossible, RedisError, OSError) as error:
+            raise LockBackendUnavailable(
+                f"Redis lock backend unreachable ({type(error).__name__}); "
+                "check --redis-url and that a majority of masters is up"
+            ) from error
+        return Lease(key=key, ttl=ttl, handle=lock) if acquired else None
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease on a majority of masters."""

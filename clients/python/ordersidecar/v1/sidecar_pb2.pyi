@@ -11,7 +11,9 @@ for what lands in the stream and docs/guarantees.md for what an OK reply means.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -76,6 +78,9 @@ class PublishRequest(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ENTITY_VERSION_FIELD_NUMBER: _builtins.int
     entity_type: _builtins.str
     """Schema name, used as a subject token: 1-64 characters of [A-Za-z0-9_-]."""
     entity_id: _builtins.str
@@ -90,6 +95,21 @@ class PublishRequest(_message.Message):
     inside the stream's duplicate window returns the first result with
     duplicate = true instead of publishing again. 1-128 printable ASCII
     characters. Empty: the sidecar makes a random one (retries not deduplicated).
+    """
+    lease_id: _builtins.str
+    """Publish under this lease (from AcquireLease on this sidecar) without another
+    lock round trip. FAILED_PRECONDITION when the lease expired or was lost; the
+    event is then not published.
+    """
+    expected_sequence: _builtins.int
+    """Publish only if the entity's last sequence is this (0: the entity has no
+    event yet); else FAILED_PRECONDITION naming the actual last sequence.
+    """
+    entity_version: _builtins.int
+    """The caller's own monotonic version of the entity (e.g. a row version),
+    carried in the Entity-Version header. A version not greater than the
+    entity's last published version is refused as stale (FAILED_PRECONDITION
+    naming the last version) and never published.
     """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -106,12 +126,22 @@ class PublishRequest(_message.Message):
         payload: _builtins.bytes = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        expected_sequence: _builtins.int | None = ...,
+        entity_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_entity_version", b"_entity_version", "_expected_sequence", b"_expected_sequence", "entity_version", b"entity_version", "expected_sequence", b"expected_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "entity_type", b"entity_type", "headers", b"headers", "idempotency_key", b"idempotency_key", "operation", b"operation", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entity_version", b"_entity_version", "_expected_sequence", b"_expected_sequence", "entity_id", b"entity_id", "entity_type", b"entity_type", "entity_version", b"entity_version", "expected_sequence", b"expected_sequence", "headers", b"headers", "idempotency_key", b"idempotency_key", "lease_id", b"lease_id", "operation", b"operation", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__entity_version: _TypeAlias = _typing.Literal["entity_version"]  # noqa: Y015
+    _WhichOneofArgType__entity_version: _TypeAlias = _typing.Literal["_entity_version", b"_entity_version"]  # noqa: Y015
+    _WhichOneofReturnType__expected_sequence: _TypeAlias = _typing.Literal["expected_sequence"]  # noqa: Y015
+    _WhichOneofArgType__expected_sequence: _TypeAlias = _typing.Literal["_expected_sequence", b"_expected_sequence"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entity_version) -> _WhichOneofReturnType__entity_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_sequence) -> _WhichOneofReturnType__expected_sequence | None: ...
 
 Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
 
@@ -220,3 +250,138 @@ class PublishBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
+
+@_typing.final
+class AcquireLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    ENTITY_ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    WAIT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    entity_type: _builtins.str
+    entity_id: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the lease lives without renewal (0: the sidecar's --lock-ttl)."""
+
+    @_builtins.property
+    def wait_timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for the entity's current holder (0: try once)."""
+
+    def __init__(
+        self,
+        *,
+        entity_type: _builtins.str = ...,
+        entity_id: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        wait_timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "entity_type", b"entity_type", "ttl", b"ttl", "wait_timeout", b"wait_timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireLeaseRequest: _TypeAlias = AcquireLeaseRequest  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    ENTITY_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    LAST_VERSION_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    entity_type: _builtins.str
+    entity_id: _builtins.str
+    fencing_token: _builtins.int
+    """The entity's last sequence when the lease was acquired (0: no event yet).
+    Publishes under the lease continue from it; nobody else publishes the entity
+    while the lease holds.
+    """
+    last_version: _builtins.int
+    """The entity's last published Entity-Version when acquired, if it has one."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the lease ends unless renewed (the sidecar's clock)."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        entity_type: _builtins.str = ...,
+        entity_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        last_version: _builtins.int | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_version", b"_last_version", "expires_at", b"expires_at", "last_version", b"last_version", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_version", b"_last_version", "entity_id", b"entity_id", "entity_type", b"entity_type", "expires_at", b"expires_at", "fencing_token", b"fencing_token", "last_version", b"last_version", "lease_id", b"lease_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__last_version: _TypeAlias = _typing.Literal["last_version"]  # noqa: Y015
+    _WhichOneofArgType__last_version: _TypeAlias = _typing.Literal["_last_version", b"_last_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_version) -> _WhichOneofReturnType__last_version | None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class RenewLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeaseRequest: _TypeAlias = RenewLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseRequest: _TypeAlias = ReleaseLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015

@@ -44,6 +44,21 @@ class SidecarStub:
                 request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.SerializeToString,
                 response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/ordersidecar.v1.Sidecar/AcquireLease',
+                request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.Lease.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/ordersidecar.v1.Sidecar/RenewLease',
+                request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.Lease.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/ordersidecar.v1.Sidecar/ReleaseLease',
+                request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServicer:
@@ -70,6 +85,33 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """Take an entity's lock for the caller, e.g. across a database transaction, so
+        that the stream follows the caller's commit order. Waits up to wait_timeout
+        (bounded by the call's deadline), first come first served across sidecars.
+        ABORTED when the entity stayed locked for the whole wait. A lease ends by
+        itself when its TTL passes without RenewLease; it is local to the sidecar
+        that issued it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extend a lease by its TTL. FAILED_PRECONDITION when it already expired or was
+        lost: re-acquire and redo the transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Give a lease up. NOT_FOUND for an unknown, expired or released lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +124,21 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.PublishBatch,
                     request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.FromString,
                     response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.Lease.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.Lease.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +195,87 @@ class Sidecar:
             '/ordersidecar.v1.Sidecar/PublishBatch',
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.SerializeToString,
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ordersidecar.v1.Sidecar/AcquireLease',
+            ordersidecar_dot_v1_dot_sidecar__pb2.AcquireLeaseRequest.SerializeToString,
+            ordersidecar_dot_v1_dot_sidecar__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ordersidecar.v1.Sidecar/RenewLease',
+            ordersidecar_dot_v1_dot_sidecar__pb2.RenewLeaseRequest.SerializeToString,
+            ordersidecar_dot_v1_dot_sidecar__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ordersidecar.v1.Sidecar/ReleaseLease',
+            ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseRequest.SerializeToString,
+            ordersidecar_dot_v1_dot_sidecar__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

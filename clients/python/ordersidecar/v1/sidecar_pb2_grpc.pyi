@@ -50,6 +50,20 @@ class SidecarStub:
     the order given; different entities may be published concurrently. One
     result per event, in request order.
     """
+    AcquireLease: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]
+    """Take an entity's lock for the caller, e.g. across a database transaction, so
+    that the stream follows the caller's commit order. Waits up to wait_timeout
+    (bounded by the call's deadline), first come first served across sidecars.
+    ABORTED when the entity stayed locked for the whole wait. A lease ends by
+    itself when its TTL passes without RenewLease; it is local to the sidecar
+    that issued it.
+    """
+    RenewLease: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.RenewLeaseRequest, _sidecar_pb2.Lease]
+    """Extend a lease by its TTL. FAILED_PRECONDITION when it already expired or was
+    lost: re-acquire and redo the transaction.
+    """
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.ReleaseLeaseRequest, _sidecar_pb2.ReleaseLeaseResponse]
+    """Give a lease up. NOT_FOUND for an unknown, expired or released lease."""
 
 @_typing.type_check_only
 class SidecarAsyncStub(SidecarStub):
@@ -67,6 +81,20 @@ class SidecarAsyncStub(SidecarStub):
     the order given; different entities may be published concurrently. One
     result per event, in request order.
     """
+    AcquireLease: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]  # type: ignore[assignment]
+    """Take an entity's lock for the caller, e.g. across a database transaction, so
+    that the stream follows the caller's commit order. Waits up to wait_timeout
+    (bounded by the call's deadline), first come first served across sidecars.
+    ABORTED when the entity stayed locked for the whole wait. A lease ends by
+    itself when its TTL passes without RenewLease; it is local to the sidecar
+    that issued it.
+    """
+    RenewLease: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.RenewLeaseRequest, _sidecar_pb2.Lease]  # type: ignore[assignment]
+    """Extend a lease by its TTL. FAILED_PRECONDITION when it already expired or was
+    lost: re-acquire and redo the transaction.
+    """
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.ReleaseLeaseRequest, _sidecar_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """Give a lease up. NOT_FOUND for an unknown, expired or released lease."""
 
 class SidecarServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,5 +121,37 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         the order given; different entities may be published concurrently. One
         result per event, in request order.
         """
+
+    @_abc_1.abstractmethod
+    def AcquireLease(
+        self,
+        request: _sidecar_pb2.AcquireLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.Lease, _abc.Awaitable[_sidecar_pb2.Lease]]:
+        """Take an entity's lock for the caller, e.g. across a database transaction, so
+        that the stream follows the caller's commit order. Waits up to wait_timeout
+        (bounded by the call's deadline), first come first served across sidecars.
+        ABORTED when the entity stayed locked for the whole wait. A lease ends by
+        itself when its TTL passes without RenewLease; it is local to the sidecar
+        that issued it.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLease(
+        self,
+        request: _sidecar_pb2.RenewLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.Lease, _abc.Awaitable[_sidecar_pb2.Lease]]:
+        """Extend a lease by its TTL. FAILED_PRECONDITION when it already expired or was
+        lost: re-acquire and redo the transaction.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _sidecar_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.ReleaseLeaseResponse, _abc.Awaitable[_sidecar_pb2.ReleaseLeaseResponse]]:
+        """Give a lease up. NOT_FOUND for an unknown, expired or released lease."""
 
 def add_SidecarServicer_to_server(servicer: SidecarServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

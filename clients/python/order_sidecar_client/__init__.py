@@ -5,12 +5,16 @@
 """
 
 from ._async import AsyncSidecarClient
+from ._lease import AsyncLease, Lease
 from ._sync import SidecarClient
-from ._types import Event, Published, RetryPolicy, SidecarError
+from ._types import Event, LeaseInfo, Published, RetryPolicy, SidecarError
 
 __all__ = [
+    "AsyncLease",
     "AsyncSidecarClient",
     "Event",
+    "Lease",
+    "LeaseInfo",
     "Published",
     "RetryPolicy",
     "SidecarClient",

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
+from ._lease import AsyncLease, release_request
 from ._types import (
     BatchResult,
     Event,
+    LeaseInfo,
     Published,
     RetryPolicy,
     SidecarError,
+    acquire_request,
     batch_results,
     pending_indexes,
 )
@@ -30,7 +34,52 @@ class AsyncSidecarClient:
 
     async def publish(self, event: Event) -> Published:
         """Publish *event*, retrying transient failures with its idempotency key."""
-        request = event.to_request()
+        return await self._publish_request(event.to_request())
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, entity_type: str, entity_id: str, *, ttl: float = 10.0, wait: float = 5.0
+    ) -> AsyncIterator[AsyncLease]:
+        """Hold the entity's lease for the block: renewed in the background, then released.
+
+        Raises SidecarError ABORTED when the entity stayed locked for *wait* seconds.
+        """
+        try:
+            reply = await self._stub.AcquireLease(
+                acquire_request(entity_type, entity_id, ttl, wait),
+                timeout=wait + self.retry.attempt_timeout,
+            )
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        lease = AsyncLease(self, LeaseInfo.from_reply(reply))
+        renewer = asyncio.ensure_future(lease._keep_renewed())
+        try:
+            yield lease
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await lease.release()
+
+    async def _renew(self, lease_id: str) -> LeaseInfo:
+        try:
+            reply = await self._stub.RenewLease(
+                sidecar_pb2.RenewLeaseRequest(lease_id=lease_id),
+                timeout=self.retry.attempt_timeout,
+            )
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        return LeaseInfo.from_reply(reply)
+
+    async def _release(self, lease_id: str) -> None:
+        try:
+            await self._stub.ReleaseLease(
+                release_request(lease_id), timeout=self.retry.attempt_timeout
+            )
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+
+    async def _publish_request(self, request: sidecar_pb2.PublishRequest) -> Published:
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 response = await self._stub.Publish(request, timeout=self.retry.attempt_timeout)

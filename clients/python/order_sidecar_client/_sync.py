@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
+from ._lease import Lease, release_request
 from ._types import (
     BatchResult,
     Event,
+    LeaseInfo,
     Published,
     RetryPolicy,
     SidecarError,
+    acquire_request,
     batch_results,
     pending_indexes,
 )
@@ -30,7 +34,47 @@ class SidecarClient:
 
     def publish(self, event: Event) -> Published:
         """Publish *event*, retrying transient failures with its idempotency key."""
-        request = event.to_request()
+        return self._publish_request(event.to_request())
+
+    @contextlib.contextmanager
+    def lease(
+        self, entity_type: str, entity_id: str, *, ttl: float = 10.0, wait: float = 5.0
+    ) -> Iterator[Lease]:
+        """Hold the entity's lease for the block: renewed by a thread, then released.
+
+        Raises SidecarError ABORTED when the entity stayed locked for *wait* seconds.
+        """
+        try:
+            reply = self._stub.AcquireLease(
+                acquire_request(entity_type, entity_id, ttl, wait),
+                timeout=wait + self.retry.attempt_timeout,
+            )
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        lease = Lease(self, LeaseInfo.from_reply(reply))
+        lease._start()
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _renew(self, lease_id: str) -> LeaseInfo:
+        try:
+            reply = self._stub.RenewLease(
+                sidecar_pb2.RenewLeaseRequest(lease_id=lease_id),
+                timeout=self.retry.attempt_timeout,
+            )
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        return LeaseInfo.from_reply(reply)
+
+    def _release(self, lease_id: str) -> None:
+        try:
+            self._stub.ReleaseLease(release_request(lease_id), timeout=self.retry.attempt_timeout)
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+
+    def _publish_request(self, request: sidecar_pb2.PublishRequest) -> Published:
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 response = self._stub.Publish(request, timeout=self.retry.attempt_timeout)

@@ -6,6 +6,7 @@ import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2
@@ -42,21 +43,31 @@ class Event:
     payload: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Publish only if the entity's last sequence is this (0: no event yet).
+    expected_sequence: int | None = None
+    #: Your own monotonic version of the entity; a stale one is refused.
+    entity_version: int | None = None
 
     def __post_init__(self) -> None:
         if self.operation.lower() not in OPERATIONS:
             raise ValueError(f"operation {self.operation!r} is not one of {', '.join(OPERATIONS)}")
 
-    def to_request(self) -> sidecar_pb2.PublishRequest:
-        """The gRPC request."""
-        return sidecar_pb2.PublishRequest(
+    def to_request(self, lease_id: str = "") -> sidecar_pb2.PublishRequest:
+        """The gRPC request (under *lease_id* when given)."""
+        request = sidecar_pb2.PublishRequest(
             entity_type=self.entity_type,
             entity_id=self.entity_id,
             operation=OPERATIONS[self.operation.lower()],
             payload=self.payload,
             headers=dict(self.headers),
             idempotency_key=self.idempotency_key,
+            lease_id=lease_id,
         )
+        if self.expected_sequence is not None:
+            request.expected_sequence = self.expected_sequence
+        if self.entity_version is not None:
+            request.entity_version = self.entity_version
+        return request
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,54 @@ class Published:
         """Build from the gRPC response."""
         return cls(
             response.sequence, response.stream_sequence, response.subject, response.duplicate
+        )
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A lease as the sidecar granted or renewed it."""
+
+    lease_id: str
+    entity_type: str
+    entity_id: str
+    #: The entity's last sequence when the lease was acquired (0: no event yet).
+    fencing_token: int
+    #: The entity's last Entity-Version when acquired, if it had one.
+    last_version: int | None
+    #: When the lease ends unless renewed.
+    expires_at: datetime
+    ttl: float
+
+    @classmethod
+    def from_reply(cls, reply: sidecar_pb2.Lease) -> LeaseInfo:
+        """Build from the gRPC reply."""
+        return cls(
+            lease_id=reply.lease_id,
+            entity_type=reply.entity_type,
+            entity_id=reply.entity_id,
+            fencing_token=reply.fencing_token,
+            last_version=reply.last_version if reply.HasField("last_version") else None,
+            expires_at=reply.expires_at.ToDatetime(tzinfo=UTC),
+            ttl=reply.ttl.ToNanoseconds() / 1e9,
+        )
+
+
+def acquire_request(
+    entity_type: str, entity_id: str, ttl: float, wait: float
+) -> sidecar_pb2.AcquireLeaseRequest:
+    """An AcquireLeaseRequest."""
+    request = sidecar_pb2.AcquireLeaseRequest(entity_type=entity_type, entity_id=entity_id)
+    request.ttl.FromNanoseconds(int(ttl * 1e9))
+    request.wait_timeout.FromNanoseconds(int(wait * 1e9))
+    return request
+
+
+def check_lease_entity(info: LeaseInfo, event: Event) -> None:
+    """Refuse, before any call, an event of another entity than the lease's."""
+    if (info.entity_type, info.entity_id) != (event.entity_type, event.entity_id):
+        raise ValueError(
+            f"lease is for {info.entity_type}/{info.entity_id}, "
+            f"event is for {event.entity_type}/{event.entity_id}"
         )
 
 

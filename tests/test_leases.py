@@ -140,25 +140,25 @@ async def test_release_by_a_non_holder(pair: tuple[SidecarApp, SidecarApp]) -> N
     async with (
         AsyncSidecarClient(holder_app.target, retry=QUICK) as holder,
         AsyncSidecarClient(other_app.target, retry=QUICK) as other,
+        holder.lease("patient", "p4", ttl=5) as lease,
     ):
-        async with holder.lease("patient", "p4", ttl=5) as lease:
-            with pytest.raises(SidecarError) as caught:
-                await other._release(lease.info.lease_id)
-            assert caught.value.code == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(SidecarError) as unknown:
-                await holder._release("not-a-lease")
-            assert unknown.value.code == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(SidecarError) as foreign:
-                await other._publish_request(
-                    Event("patient", "p4", "update").to_request(lease.info.lease_id)
-                )
-            assert foreign.value.code == FAILED_PRECONDITION
-            assert "unknown to this sidecar" in foreign.value.message
-            # The holder's lock is untouched.
-            with pytest.raises(SidecarError, match="ABORTED"):
-                async with other.lease("patient", "p4", wait=0.2):
-                    pass
-            assert (await lease.publish(Event("patient", "p4", "create"))).sequence == 1
+        with pytest.raises(SidecarError) as caught:
+            await other._release(lease.info.lease_id)
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(SidecarError) as unknown:
+            await holder._release("not-a-lease")
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(SidecarError) as foreign:
+            await other._publish_request(
+                Event("patient", "p4", "update").to_request(lease.info.lease_id)
+            )
+        assert foreign.value.code == FAILED_PRECONDITION
+        assert "unknown to this sidecar" in foreign.value.message
+        # The holder's lock is untouched.
+        with pytest.raises(SidecarError, match="ABORTED"):
+            async with other.lease("patient", "p4", wait=0.2):
+                pass
+        assert (await lease.publish(Event("patient", "p4", "create"))).sequence == 1
 
 
 async def test_expired_lease_cannot_renew_or_publish(
@@ -195,15 +195,15 @@ async def test_lease_lost_to_another_holder_is_refused_by_the_broker(
     async with (
         AsyncSidecarClient(first_app.target, retry=QUICK) as first,
         AsyncSidecarClient(second_app.target, retry=QUICK) as second,
+        first.lease("patient", "p6", ttl=5) as lease,
     ):
-        async with first.lease("patient", "p6", ttl=5) as lease:
-            held = first_app.publisher.leases.get(lease.info.lease_id)
-            await first_app.publisher.leases._backend.release(held.lock)  # lock stolen
-            await second.publish(Event("patient", "p6", "create"))
-            with pytest.raises(SidecarError) as caught:
-                await lease.publish(Event("patient", "p6", "update"))
-            assert caught.value.code == FAILED_PRECONDITION
-            assert "was lost" in caught.value.message
+        held = first_app.publisher.leases.get(lease.info.lease_id)
+        await first_app.publisher.leases._backend.release(held.lock)  # lock stolen
+        await second.publish(Event("patient", "p6", "create"))
+        with pytest.raises(SidecarError) as caught:
+            await lease.publish(Event("patient", "p6", "update"))
+        assert caught.value.code == FAILED_PRECONDITION
+        assert "was lost" in caught.value.message
     stored = await stream_messages(nc, first_app.config.stream)
     assert [m.headers["Entity-Sequence"] for m in stored] == ["1"]
 

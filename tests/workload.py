@@ -27,7 +27,8 @@ PATIENCE = RetryPolicy(attempts=60, first_backoff=0.05, max_backoff=1.0, attempt
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["sidecar", "naive"])
+    parser.add_argument("mode", choices=["sidecar", "naive", "commit", "lease-holder"])
+    parser.add_argument("--lease", choices=["yes", "no"], default="no")
     parser.add_argument("--target", default="")
     parser.add_argument("--nats-url", default="")
     parser.add_argument("--redis-url", default="")
@@ -106,6 +107,77 @@ async def run_naive(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+async def run_commit(args: argparse.Namespace, out: TextIO) -> int:
+    """Read-modify-write rows of a shared store, then publish the new row version.
+
+    With --lease the lease spans read, write and publish, so the stream follows the
+    store's commit order (Entity-Version); without, replicas race.
+    """
+    redis = Redis.from_url(args.redis_url)
+    async with AsyncSidecarClient(args.target, retry=PATIENCE) as client:
+
+        async def transaction(row: str) -> dict[str, Any]:
+            if args.lease == "no":
+                version = await write_row(redis, args, row)
+                await asyncio.sleep(random.uniform(0, 0.002))  # the producer's own work
+                event = Event(args.entity_type, row, "update", headers=version_header(version))
+                return {
+                    "row": row,
+                    "version": version,
+                    "seq": (await client.publish(event)).sequence,
+                }
+            async with client.lease(args.entity_type, row, ttl=5.0, wait=60.0) as lease:
+                version = await write_row(redis, args, row)
+                event = Event(
+                    args.entity_type,
+                    row,
+                    "update",
+                    headers=version_header(version),
+                    entity_version=version,
+                )
+                return {
+                    "row": row,
+                    "version": version,
+                    "seq": (await lease.publish(event)).sequence,
+                }
+
+        async def task(count: int) -> None:
+            for _ in range(count):
+                out.write(json.dumps(await transaction(pick_entity(args))) + "\n")
+
+        await asyncio.gather(*(task(n) for n in split(args.events, args.tasks)))
+    await redis.aclose()
+    return 0
+
+
+async def write_row(redis: Redis, args: argparse.Namespace, row: str) -> int:
+    """Read the row's version, write version + 1 (a plain, unguarded read-modify-write)."""
+    key = f"row:{args.subject_prefix}:{row}"
+    version = int(await redis.hget(key, "version") or 0) + 1
+    await redis.hset(key, mapping={"version": version, "writer": args.producer})
+    return version
+
+
+def version_header(version: int) -> dict[str, str]:
+    return {"X-Row-Version": str(version)}
+
+
+async def run_lease_holder(args: argparse.Namespace, out: TextIO) -> int:
+    """Take a lease, say so on stdout, wait for a line on stdin, then publish under it."""
+    async with (
+        AsyncSidecarClient(args.target, retry=PATIENCE) as client,
+        client.lease(args.entity_type, "held", ttl=1.0, wait=10.0) as lease,
+    ):
+        print(f"acquired {lease.fencing_token}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        try:
+            published = await lease.publish(Event(args.entity_type, "held", "update"))
+            print(f"published {published.sequence}", flush=True)
+        except SidecarError as error:
+            print(f"refused {error.code.name} {error.message}", flush=True)
+    return 0
+
+
 def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if n < total % parts else 0) for n in range(parts)]
 
@@ -113,8 +185,13 @@ def split(total: int, parts: int) -> list[int]:
 def main() -> int:
     args = parse_args(sys.argv[1:])
     with open(args.out, "w") as out:
-        runner = run_sidecar if args.mode == "sidecar" else run_naive
-        return asyncio.run(runner(args, out))
+        runners = {
+            "sidecar": run_sidecar,
+            "naive": run_naive,
+            "commit": run_commit,
+            "lease-holder": run_lease_holder,
+        }
+        return asyncio.run(runners[args.mode](args, out))
 
 
 if __name__ == "__main__":

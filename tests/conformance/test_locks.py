@@ -7,7 +7,8 @@ would have) plus the servers behind them, so tests can stop servers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from order_sidecar.errors import LockBackendUnavailable
 from order_sidecar.locks import LockBackend
 from order_sidecar.locks.redis import RedisLockBackend
+from redis.asyncio import Redis
 
 from ..servers import ManagedProcess, RedisServer
 
@@ -28,6 +30,7 @@ class BackendUnderTest:
     name: str
     servers: list[ManagedProcess]
     make: Callable[[], LockBackend]
+    waiting: Callable[[str], Awaitable[int]]
 
 
 def _redis(tmp_path: Path, masters: int) -> BackendUnderTest:
@@ -35,8 +38,19 @@ def _redis(tmp_path: Path, masters: int) -> BackendUnderTest:
     for server in servers:
         server.start()
     urls = [server.url for server in servers]
+
+    async def waiting(key: str) -> int:
+        redis = Redis.from_url(urls[0])
+        try:
+            return int(await redis.zcard(f"ordersidecar:queue:{key}"))
+        finally:
+            await redis.aclose()
+
     return BackendUnderTest(
-        f"redis x{masters}", list(servers), lambda: RedisLockBackend(urls, io_timeout=0.5)
+        f"redis x{masters}",
+        list(servers),
+        lambda: RedisLockBackend(urls, io_timeout=0.5),
+        waiting,
     )
 
 
@@ -124,3 +138,38 @@ async def test_server_loss(backend: BackendUnderTest, clients: list[LockBackend]
     for server in backend.servers:
         server.start()
     assert await clients[2].acquire("k-back", TTL, 1.0) is not None
+
+
+async def test_waiters_are_served_first_come_first_served(
+    backend: BackendUnderTest, clients: list[LockBackend]
+) -> None:
+    """No waiter starves: newcomers queue behind whoever waits already."""
+    holder = await clients[0].acquire("k-fair", 10.0, 0.0)
+    assert holder is not None
+    order: list[str] = []
+
+    async def wait_turn(name: str, client: LockBackend) -> None:
+        lease = await client.acquire("k-fair", 10.0, 20.0)
+        assert lease is not None
+        order.append(name)
+        await client.release(lease)
+
+    waiters = []
+    for n in range(4):
+        waiters.append(asyncio.ensure_future(wait_turn(f"w{n}", clients[1 + n % 2])))
+        await _until(functools.partial(_at_least, backend, "k-fair", n + 1), 10.0)
+    await clients[0].release(holder)
+    await asyncio.gather(*waiters)
+    assert order == ["w0", "w1", "w2", "w3"]
+
+
+async def _at_least(backend: BackendUnderTest, key: str, count: int) -> bool:
+    return await backend.waiting(key) >= count
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -1,6 +1,7 @@
 """``order-sidecar bench``: load one running sidecar and print a table.
 
-Runs unary ``Publish`` and ``PublishBatch`` one after the other against the same
+Runs unary ``Publish``, a lease round per event (``AcquireLease`` + ``Publish`` under
+the lease + ``ReleaseLease``) and ``PublishBatch`` one after the other against the same
 sidecar, each with a fresh set of entities, and reports events/s and per-call latency.
 Timing lives here and never in tests: the machine is shared, so compare modes
 measured side by side in one run.
@@ -116,10 +117,30 @@ async def run_bench(config: BenchConfig) -> list[BenchRow]:
             )
             return [result.message for result in reply.results if result.code != 0]
 
+        async def lease_round(request: object) -> list[str]:
+            event: sidecar_pb2.PublishRequest = request  # type: ignore[assignment]
+            ask = sidecar_pb2.AcquireLeaseRequest(
+                entity_type=event.entity_type, entity_id=event.entity_id
+            )
+            ask.wait_timeout.FromSeconds(10)
+            lease = await stub.AcquireLease(ask, timeout=30)
+            event.lease_id = lease.lease_id
+            try:
+                await stub.Publish(event, timeout=30)
+            finally:
+                await stub.ReleaseLease(
+                    sidecar_pb2.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=30
+                )
+            return []
+
         run = uuid.uuid4().hex[:8]
         unary_calls: list[object] = list(_requests(config, f"u{run}"))
         seconds, latencies, failures = await _drive(unary_calls, config.concurrency, unary)
         rows.append(_row("Publish (unary)", config.events, failures, seconds, latencies))
+        lease_calls: list[object] = list(_requests(config, f"l{run}"))
+        seconds, latencies, failures = await _drive(lease_calls, config.concurrency, lease_round)
+        mode = "lease round (acquire+publish+release)"
+        rows.append(_row(mode, config.events, failures, seconds, latencies))
         events = _requests(config, f"b{run}")
         batches: list[object] = [
             events[i : i + config.batch_size] for i in range(0, len(events), config.batch_size)

@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(verify, VerifyConfig)
     bench = commands.add_parser(
         "bench",
-        help="measure a running sidecar: unary and batch events/s and latency",
-        description="Publish through a running sidecar, first with unary Publish, then with "
-        "PublishBatch, and print events/s with p50/p99 call latency.",
+        help="measure a running sidecar: unary, lease-round and batch events/s and latency",
+        description="Publish through a running sidecar with unary Publish, then one lease "
+        "round per event (AcquireLease, Publish, ReleaseLease), then PublishBatch, and print "
+        "events/s with p50/p99 call latency.",
     )
     add_arguments(bench, BenchConfig)
     return parser

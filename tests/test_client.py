@@ -19,7 +19,7 @@ from order_sidecar_client import (
 )
 
 from .helpers import message_count
-from .servers import NatsServer, RedisServer, SidecarProcess
+from .servers import NatsServer, RedisServer, SidecarProcess, wait_until
 from .test_e2e import sidecar_options
 
 
@@ -91,3 +91,26 @@ async def test_async_client_rides_out_a_sidecar_restart_without_duplicates(
         await restart
     assert [r.sequence for r in results] == [n // 3 + 1 for n in range(60)]
     assert await message_count(nc, names["stream"]) == 60
+
+
+def test_sync_lease_is_renewed_by_a_thread_and_released(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+) -> None:
+    sidecar = sidecars("sync-lease", **sidecar_options(nats_server, redis_server, names))
+    with SidecarClient(sidecar.target) as client:
+        with client.lease("order", "l1", ttl=1.0) as lease:
+            first_expiry = lease.info.expires_at.timestamp()
+            wait_until(
+                lambda: lease.info.expires_at.timestamp() > first_expiry + 1.0,
+                5.0,
+                "the renewal thread to extend the lease",
+            )
+            published = lease.publish(Event("order", "l1", "create", entity_version=1))
+            assert lease.renewal_error is None
+        # Released on exit: another lease is granted at once.
+        with client.lease("order", "l1", ttl=1.0, wait=0.0) as again:
+            assert again.fencing_token == published.sequence == 1
+            assert again.info.last_version == 1

@@ -238,3 +238,29 @@ def test_dataclass_replace_keeps_event_options() -> None:
         2,
         "lease-1",
     )
+
+
+async def test_background_renewal_keeps_a_lease_past_its_ttl(app: SidecarApp) -> None:
+    async with (
+        AsyncSidecarClient(app.target, retry=QUICK) as client,
+        client.lease("patient", "p7", ttl=1.0) as lease,
+    ):
+        first_expiry = lease.info.expires_at.timestamp()
+        await _until(lambda: time.time() > first_expiry + 1.0, 5.0)
+        assert lease.renewal_error is None
+        assert lease.info.expires_at.timestamp() > first_expiry
+        assert (await lease.publish(Event("patient", "p7", "create"))).sequence == 1
+
+
+async def test_batch_under_a_lease(app: SidecarApp) -> None:
+    async with AsyncSidecarClient(app.target, retry=QUICK) as client:
+        await client.publish(Event("patient", "p8", "create"))
+        async with client.lease("patient", "p8", ttl=5) as lease:
+            request = sidecar_pb2.PublishBatchRequest(
+                events=[
+                    Event("patient", "p8", "update").to_request(lease.info.lease_id)
+                    for _ in range(3)
+                ]
+            )
+            reply = await client._stub.PublishBatch(request)
+    assert [(r.code, r.response.sequence) for r in reply.results] == [(0, 2), (0, 3), (0, 4)]

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -21,6 +21,7 @@ from .stream import Stored
 log = logging.getLogger(__name__)
 
 BatchOutcome = Stored | SidecarError
+ReplyT = TypeVar("ReplyT")
 
 
 class SidecarService(sidecar_pb2_grpc.SidecarServicer):
@@ -63,19 +64,30 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             if self._in_flight == 0:
                 self._idle.set()
 
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        work: Callable[[], Awaitable[ReplyT]],
+    ) -> ReplyT:
+        """Run *work* as one tracked RPC; any error becomes the RPC's status, here only."""
+        try:
+            with self._tracked():
+                return await work()
+        except Exception as error:
+            await _abort(context, error)
+
     async def Publish(
         self,
         request: sidecar_pb2.PublishRequest,
         context: grpc.aio.ServicerContext[sidecar_pb2.PublishRequest, sidecar_pb2.PublishResponse],
     ) -> sidecar_pb2.PublishResponse:
         """Publish one event in its entity's order."""
-        try:
-            with self._tracked():
-                event = event_from_request(request)
-                stored = await self._publisher.publish(event, context.time_remaining())
-        except Exception as error:
-            await _abort(context, error)
-        return _response(stored)
+
+        async def work() -> sidecar_pb2.PublishResponse:
+            event = event_from_request(request)
+            return _response(await self._publisher.publish(event, context.time_remaining()))
+
+        return await self._answer(context, work)
 
     async def PublishBatch(
         self,
@@ -85,20 +97,17 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         ],
     ) -> sidecar_pb2.PublishBatchResponse:
         """Publish many events; one result per event, in request order."""
-        if len(request.events) > self._max_batch:
-            await _abort(
-                context,
-                InvalidEvent(
+
+        async def work() -> sidecar_pb2.PublishBatchResponse:
+            if len(request.events) > self._max_batch:
+                raise InvalidEvent(
                     f"batch of {len(request.events)} events is over the limit of "
                     f"{self._max_batch} (--max-batch); split it"
-                ),
-            )
-        try:
-            with self._tracked():
-                outcomes = await self._publish_batch(request, context.time_remaining())
-        except Exception as error:
-            await _abort(context, error)
-        return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
+                )
+            outcomes = await self._publish_batch(request, context.time_remaining())
+            return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
+
+        return await self._answer(context, work)
 
     async def AcquireLease(
         self,
@@ -106,16 +115,17 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         context: grpc.aio.ServicerContext[sidecar_pb2.AcquireLeaseRequest, sidecar_pb2.Lease],
     ) -> sidecar_pb2.Lease:
         """Take an entity's lock for the caller."""
-        try:
-            with self._tracked():
-                ttl, wait = lease_terms(request, self._default_lease_ttl, context.time_remaining())
-                subject = self._publisher.stream.subject_of(request.entity_type, request.entity_id)
-                lease = await self._publisher.leases.acquire(
+
+        async def work() -> sidecar_pb2.Lease:
+            ttl, wait = lease_terms(request, self._default_lease_ttl, context.time_remaining())
+            subject = self._publisher.stream.subject_of(request.entity_type, request.entity_id)
+            return lease_reply(
+                await self._publisher.leases.acquire(
                     request.entity_type, request.entity_id, subject, ttl, wait
                 )
-        except Exception as error:
-            await _abort(context, error)
-        return lease_reply(lease)
+            )
+
+        return await self._answer(context, work)
 
     async def RenewLease(
         self,
@@ -123,12 +133,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         context: grpc.aio.ServicerContext[sidecar_pb2.RenewLeaseRequest, sidecar_pb2.Lease],
     ) -> sidecar_pb2.Lease:
         """Extend a lease by its TTL."""
-        try:
-            with self._tracked():
-                lease = await self._publisher.leases.renew(request.lease_id)
-        except Exception as error:
-            await _abort(context, error)
-        return lease_reply(lease)
+
+        async def work() -> sidecar_pb2.Lease:
+            return lease_reply(await self._publisher.leases.renew(request.lease_id))
+
+        return await self._answer(context, work)
 
     async def ReleaseLease(
         self,
@@ -138,12 +147,12 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         ],
     ) -> sidecar_pb2.ReleaseLeaseResponse:
         """Give a lease up."""
-        try:
-            with self._tracked():
-                await self._publisher.leases.release(request.lease_id)
-        except Exception as error:
-            await _abort(context, error)
-        return sidecar_pb2.ReleaseLeaseResponse()
+
+        async def work() -> sidecar_pb2.ReleaseLeaseResponse:
+            await self._publisher.leases.release(request.lease_id)
+            return sidecar_pb2.ReleaseLeaseResponse()
+
+        return await self._answer(context, work)
 
     async def _publish_batch(
         self, request: sidecar_pb2.PublishBatchRequest, budget: float | None

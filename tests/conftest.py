@@ -43,7 +43,7 @@ def redis_server(session_dir: Path) -> Iterator[RedisServer]:
 def names() -> dict[str, str]:
     """A stream name and subject prefix no other test uses."""
     suffix = uuid.uuid4().hex[:10]
-    return {"stream": f"T_{suffix}", "subject_prefix": f"t{suffix}"}
+    return {"stream": f"T_{suffix}", "subject_prefix": f"t{suffix}", "lock_bucket": f"L_{suffix}"}
 
 
 @pytest.fixture

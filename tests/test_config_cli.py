@@ -16,10 +16,12 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
     return from_sources(ServeConfig, args, env or {})
 
 
-def test_defaults_are_local_and_valid() -> None:
+def test_defaults_are_local_and_need_no_services() -> None:
     config = parse([])
     assert config.listen == "127.0.0.1:50051"
-    assert config.redis_url == ("redis://127.0.0.1:6379/0",)
+    assert (config.nats_url, config.redis_url) == ("", ())
+    assert config.chosen_lock_backend == "nats-kv"
+    assert parse(["--redis-url", "redis://r:6379/0"]).chosen_lock_backend == "redis"
 
 
 def test_flag_beats_env_beats_default() -> None:
@@ -44,6 +46,9 @@ def test_repeatable_redis_url_and_comma_separated_env() -> None:
         (["--subject-prefix", "a.>"], {}, "--subject-prefix"),
         (["--redis-url", "http://x"], {}, "redis://"),
         (["--on-lock-unavailable", "maybe"], {}, "'fence' or 'reject'"),
+        (["--lock-backend", "zookeeper"], {}, "redis, nats-kv or auto"),
+        (["--lock-backend", "redis"], {}, "--redis-url"),
+        (["--nats-sync-interval", "sometimes"], {}, "'always'"),
     ],
 )
 def test_invalid_values_name_the_flag_and_env_var(

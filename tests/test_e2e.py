@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from .load import Producers, check_acked_replies_are_in_stream, run_verify
@@ -20,17 +21,25 @@ ENTITIES = 24
 
 
 def sidecar_options(
-    nats_server: NatsServer, redis_server: RedisServer, names: dict[str, str]
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    lock_backend: str = "redis",
 ) -> dict[str, str]:
     """Flags shared by the sidecars of one test."""
-    return {
+    options = {
         "nats_url": nats_server.url,
-        "redis_url": redis_server.url,
         "stream": names["stream"],
         "subject_prefix": names["subject_prefix"],
         "lock_ttl": "2",
         "lock_wait": "5",
+        "lock_backend": lock_backend,
     }
+    if lock_backend == "redis":
+        options["redis_url"] = redis_server.url
+    else:
+        options["lock_bucket"] = names["lock_bucket"]
+    return options
 
 
 def start_producers(producers: Producers, sidecars: list[SidecarProcess]) -> None:
@@ -67,7 +76,9 @@ async def check_exactly_once_in_order(
     assert status == 0
 
 
+@pytest.mark.parametrize("lock_backend", ["redis", "nats-kv"])
 async def test_sidecars_keep_every_entity_in_order(
+    lock_backend: str,
     nats_server: NatsServer,
     redis_server: RedisServer,
     names: dict[str, str],
@@ -75,7 +86,7 @@ async def test_sidecars_keep_every_entity_in_order(
     nc: NatsClient,
     tmp_path: Path,
 ) -> None:
-    options = sidecar_options(nats_server, redis_server, names)
+    options = sidecar_options(nats_server, redis_server, names, lock_backend)
     running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
     producers = Producers(tmp_path)
     start_producers(producers, running)

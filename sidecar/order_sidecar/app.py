@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,9 +15,12 @@ from nats.aio.client import Client as NatsClient
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .config import ServeConfig
+from .embedded import EmbeddedNats, default_data_dir
 from .errors import Unavailable
 from .gates import EntityGates, LockPolicy
 from .leases import LeaseRegistry
+from .locks.base import LockBackend
+from .locks.nats_kv import NatsKvLockBackend
 from .locks.redis import RedisLockBackend
 from .publisher import Publisher
 from .server import SidecarService
@@ -32,11 +36,15 @@ async def connect_nats(url: str, name: str) -> NatsClient:
     """Connect to NATS, reconnecting forever once connected; Unavailable if it is not there."""
     client = NatsClient()
 
+    def closing() -> bool:
+        return bool(client.is_closed or client.is_draining)
+
     async def on_error(error: Exception) -> None:
-        log.warning("NATS connection error: %s", error)
+        if not closing():
+            log.warning("NATS connection error: %s", error)
 
     async def on_disconnect() -> None:
-        if not client.is_closed:
+        if not closing():
             log.warning("NATS disconnected; reconnecting")
 
     async def on_reconnect() -> None:
@@ -69,7 +77,8 @@ class SidecarApp:
         self.config = config
         self._server: grpc.aio.Server | None = None
         self._nc: NatsClient | None = None
-        self._locks = RedisLockBackend(list(config.redis_url))
+        self._locks: LockBackend | None = None
+        self._embedded: EmbeddedNats | None = None
         self._health = health_aio.HealthServicer()
         self.publisher: Publisher | None = None
         self._service: SidecarService | None = None
@@ -83,14 +92,20 @@ class SidecarApp:
     async def start(self) -> None:
         """Connect to NATS, provision the stream and start serving gRPC."""
         cfg = self.config
-        self._nc = await connect_nats(cfg.nats_url, f"order-sidecar {cfg.producer_name}")
+        nats_url = cfg.nats_url
+        if not nats_url:
+            data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+            self._embedded = EmbeddedNats(data_dir, cfg.nats_sync_interval)
+            nats_url = await self._embedded.start()
+        self._nc = await connect_nats(nats_url, f"order-sidecar {cfg.producer_name}")
         stream = EventStream(self._nc, cfg)
         await stream.ensure_stream()
+        locks = self._locks = await self._open_locks(self._nc)
         policy = LockPolicy(cfg.lock_ttl, cfg.lock_wait, cfg.on_lock_unavailable == "reject")
         self.publisher = Publisher(
             stream,
-            EntityGates(self._locks, policy),
-            LeaseRegistry(self._locks, stream, cfg.stream),
+            EntityGates(locks, policy),
+            LeaseRegistry(locks, stream, cfg.stream),
             cfg.stream,
             cfg.max_conflict_retries,
         )
@@ -119,13 +134,24 @@ class SidecarApp:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "order-sidecar %s listening on %s; stream %s on %s; locks: redis %s",
+            "order-sidecar %s listening on %s; stream %s on %s; locks: %s",
             cfg.producer_name,
-            cfg.listen,
+            self.target,
             cfg.stream,
-            cfg.nats_url,
-            ",".join(cfg.redis_url),
+            nats_url,
+            self._lock_description(),
         )
+
+    async def _open_locks(self, nc: NatsClient) -> LockBackend:
+        cfg = self.config
+        if cfg.chosen_lock_backend == "redis":
+            return RedisLockBackend(list(cfg.redis_url))
+        return await NatsKvLockBackend.open(nc, cfg.lock_bucket, cfg.kv_replicas)
+
+    def _lock_description(self) -> str:
+        if self.config.chosen_lock_backend == "redis":
+            return "redis " + ",".join(self.config.redis_url)
+        return f"nats-kv bucket {self.config.lock_bucket}"
 
     async def stop(self) -> None:
         """Stop taking RPCs, finish those in flight, release locks, close connections."""
@@ -138,12 +164,15 @@ class SidecarApp:
             await self._server.stop(0)
         if self.publisher is not None:
             await self.publisher.leases.release_all()
-        await self._locks.close()
+        if self._locks is not None:
+            await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
             if self._nc.is_connected:
                 await self._nc.drain()
             else:
                 await self._nc.close()
+        if self._embedded is not None:
+            self._embedded.stop()
         log.info("order-sidecar stopped")
 
     async def run(self) -> None:
@@ -152,8 +181,8 @@ class SidecarApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
         try:
+            await self.start()
             await stop.wait()
             log.info("signal received: draining")
         finally:

@@ -33,7 +33,9 @@ def option(default: Any, help_text: str) -> Any:
 class NatsOptions:
     """Where the stream lives and how it is provisioned."""
 
-    nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL")
+    nats_url: str = option(
+        "", "NATS server URL; unset: start an embedded nats-server with JetStream in --data-dir"
+    )
     stream: str = option("ENTITY_EVENTS", "JetStream stream name")
     subject_prefix: str = option("events", "first subject token(s) of every event")
     partitions: int = option(16, "partition count in the subject; fixed for a stream's life")
@@ -60,9 +62,19 @@ class ServeConfig(NatsOptions):
     """Options of ``order-sidecar serve``."""
 
     listen: str = option("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
+    lock_backend: str = option(
+        "auto", "redis, nats-kv, or auto: redis when --redis-url is set, else nats-kv"
+    )
     redis_url: tuple[str, ...] = option(
-        ("redis://127.0.0.1:6379/0",),
-        "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)",
+        (), "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)"
+    )
+    lock_bucket: str = option("ORDERSIDECAR_LOCKS", "KV bucket of the nats-kv lock backend")
+    kv_replicas: int = option(1, "KV bucket replicas when the sidecar creates it")
+    data_dir: str = option(
+        "", "embedded nats-server's data folder (default ~/.local/share/order-sidecar/nats)"
+    )
+    nats_sync_interval: str = option(
+        "", "embedded nats-server's JetStream sync_interval, e.g. 'always' (default: server's, 2m)"
     )
     lock_ttl: float = option(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
     lock_wait: float = option(5.0, "seconds to wait for another sidecar's entity lock")
@@ -79,6 +91,13 @@ class ServeConfig(NatsOptions):
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     @property
+    def chosen_lock_backend(self) -> str:
+        """The lock backend in use once 'auto' is resolved."""
+        if self.lock_backend != "auto":
+            return self.lock_backend
+        return "redis" if self.redis_url else "nats-kv"
+
+    @property
     def producer_name(self) -> str:
         """The configured producer id, or host-pid."""
         return self.producer_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -89,8 +108,10 @@ class ServeConfig(NatsOptions):
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             _bad("listen", self.listen, "host:port, e.g. 127.0.0.1:50051")
-        if not self.redis_url:
-            _bad("redis_url", "", "at least one redis:// URL")
+        if self.lock_backend not in ("auto", "redis", "nats-kv"):
+            _bad("lock_backend", self.lock_backend, "redis, nats-kv or auto")
+        if self.lock_backend == "redis" and not self.redis_url:
+            _bad("redis_url", "", "at least one redis:// URL with --lock-backend redis")
         for url in self.redis_url:
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 _bad("redis_url", url, "a redis://, rediss:// or unix:// URL")
@@ -102,6 +123,13 @@ class ServeConfig(NatsOptions):
         check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
         check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
         check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
+        check_range("kv_replicas", self.kv_replicas, 1, 5)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.lock_bucket):
+            _bad("lock_bucket", self.lock_bucket, "1-64 characters of [A-Za-z0-9_-]")
+        if self.nats_sync_interval and not re.fullmatch(
+            r"always|\d+(ms|s|m|h)", self.nats_sync_interval
+        ):
+            _bad("nats_sync_interval", self.nats_sync_interval, "'always' or a duration like 10s")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             _bad("log_level", self.log_level, "DEBUG, INFO, WARNING or ERROR")
 

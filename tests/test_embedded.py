@@ -1,0 +1,38 @@
+"""The embedded default: `order-sidecar serve` with no --nats-url needs no other service."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from order_sidecar_client import Event as ClientEvent
+from order_sidecar_client import SidecarClient
+
+from .servers import SidecarProcess
+
+
+def _processes_using(folder: Path) -> list[str]:
+    result = subprocess.run(
+        ["pgrep", "-af", str(folder)], capture_output=True, text=True, check=False
+    )
+    return [line for line in result.stdout.splitlines() if "nats-server" in line]
+
+
+def test_serve_without_nats_url_runs_its_own_server_and_stops_it(
+    sidecars: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "embedded-data"
+    sidecar = sidecars("embedded", data_dir=str(data_dir))
+    assert _processes_using(data_dir), "no embedded nats-server is running"
+    with SidecarClient(sidecar.target) as client:
+        first = client.publish(ClientEvent("patient", "42", "create", b"{}"))
+        with client.lease("patient", "42") as lease:
+            second = lease.publish(ClientEvent("patient", "42", "update", b"{}"))
+    assert (first.sequence, second.sequence) == (1, 2)
+    log = sidecar.log_path.read_text()
+    assert f"JetStream data in {data_dir}" in log
+    assert "locks: nats-kv" in log
+    assert sidecar.terminate() == 0
+    assert not _processes_using(data_dir), "the embedded nats-server outlived the sidecar"
+    assert (data_dir / "jetstream").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,3 +37,20 @@ def test_serve_without_nats_url_runs_its_own_server_and_stops_it(
     assert sidecar.terminate() == 0
     assert not _processes_using(data_dir), "the embedded nats-server outlived the sidecar"
     assert (data_dir / "jetstream").is_dir()
+
+
+def test_demo_shows_the_problem_and_the_fix() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "order_sidecar.cli", "demo", "--events", "600", "--entities", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    naive, fixed = rows["naive publishing"], rows["through sidecars"]
+    assert naive[2:4] == ["600", "5"] and fixed[2:4] == ["600", "5"]
+    assert fixed[4:7] == ["0", "0", "0"], "sidecars let a gap, duplicate or inversion through"
+    assert "through sidecars every entity is in order" in result.stdout
+    assert "through sidecars: 600/600 events" in result.stderr

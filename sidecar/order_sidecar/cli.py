@@ -13,6 +13,7 @@ from . import __version__
 from .app import SidecarApp, connect_nats
 from .bench import BenchConfig, format_rows, run_bench, write_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
+from .demo import DemoConfig, format_results, run_demo
 from .errors import SidecarError
 from .verify import format_json, format_table, verify_stream
 
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "events/s with p50/p99 call latency.",
     )
     add_arguments(bench, BenchConfig)
+    demo = commands.add_parser(
+        "demo",
+        help="see the problem and the fix: naive replicas, then replicas through sidecars",
+        description="On an embedded nats-server, run simulated producer replicas twice - "
+        "publishing naively, then through sidecars - and print gaps, duplicates and "
+        "inversions per run. Needs no other service.",
+    )
+    add_arguments(demo, DemoConfig)
     return parser
 
 
@@ -59,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(serve_config.log_level)
             asyncio.run(SidecarApp(serve_config).run())
             return 0
+        if args.command == "demo":
+            demo_config = from_sources(DemoConfig, args, os.environ)
+            logging.basicConfig(level=logging.WARNING)
+            results = asyncio.run(run_demo(demo_config))
+            print(format_results(demo_config, results))
+            return 1 if results[-1].report.violations else 0
         if args.command == "bench":
             bench_config = from_sources(BenchConfig, args, os.environ)
             rows = asyncio.run(run_bench(bench_config))

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from .helpers import StoredMessage, message_count, stream_messages
@@ -62,13 +63,21 @@ class Producers:
         return "\n".join((self.workdir / f"{p.stem}.log").read_text()[-2000:] for p in self.outputs)
 
 
-async def wait_for_messages(nc: NatsClient, stream: str, count: int, timeout: float) -> None:
-    """Wait until *stream* holds at least *count* messages."""
+async def wait_for_messages(nc: NatsClient, stream: str, count: int, timeout: float) -> int:
+    """Wait until *stream* holds at least *count* messages (riding out leader elections)."""
     deadline = time.monotonic() + timeout
-    while await message_count(nc, stream) < count:
+    while (found := await _count_or_zero(nc, stream)) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"stream {stream} did not reach {count} messages in {timeout}s")
         await asyncio.sleep(0.05)
+    return found
+
+
+async def _count_or_zero(nc: NatsClient, stream: str) -> int:
+    try:
+        return await message_count(nc, stream)
+    except (TimeoutError, nats.errors.Error):
+        return 0  # no stream leader right now
 
 
 def run_verify(nats_url: str, stream: str) -> tuple[int, dict[str, dict[str, int]]]:

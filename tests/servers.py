@@ -7,6 +7,7 @@ deadline, never with a fixed sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -241,3 +243,46 @@ class SidecarProcess(ManagedProcess):
                 return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
             return False
+
+
+class NatsClusterNode(NatsServer):
+    """One node of a JetStream cluster with routes to its peers on loopback."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        super().__init__(workdir, name)
+        self.cluster_port = free_port()
+        self.peers: list[NatsClusterNode] = []
+
+    def _command(self) -> list[str]:
+        routes = ",".join(f"nats://127.0.0.1:{peer.cluster_port}" for peer in self.peers)
+        return [
+            *super()._command(),
+            "-n",
+            self.name,
+            "--cluster_name",
+            "orders",
+            "--cluster",
+            f"nats://127.0.0.1:{self.cluster_port}",
+            "--routes",
+            routes,
+        ]
+
+    def is_ready(self) -> bool:
+        """The node answers and knows the JetStream meta leader."""
+        try:
+            url = f"http://127.0.0.1:{self.monitor_port}/jsz"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                meta = json.load(response).get("meta_cluster") or {}
+                return bool(meta.get("leader"))
+        except (OSError, ValueError):
+            return False
+
+
+def start_cluster(workdir: Path, size: int = 3) -> list[NatsClusterNode]:
+    """Start *size* nodes that route to each other; wait until they elected a meta leader."""
+    nodes = [NatsClusterNode(workdir, f"node-{n}") for n in range(size)]
+    for node in nodes:
+        node.peers = [peer for peer in nodes if peer is not node]
+    with ThreadPoolExecutor(size) as pool:
+        list(pool.map(lambda node: node.start(), nodes))
+    return nodes

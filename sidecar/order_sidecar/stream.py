@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -29,15 +30,10 @@ ERR_MESSAGE_TOO_LARGE = 10054
 ERR_STREAM_NAME_IN_USE = 10058
 META_PREFIX = "ordersidecar.subject_prefix"
 META_PARTITIONS = "ordersidecar.partitions"
-_NATS_DOWN = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.ServiceUnavailableError,
-)
+# Any other client-side NATS failure (no responders while a stream leader is elected,
+# timeouts, a closed connection, ...): the outcome is unknown, so callers retry with
+# their idempotency key. API errors with a code are told apart where they are caught.
+_NATS_DOWN = (nats.errors.Error, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,9 @@ EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 MARKER_TTL = 60.0  # seconds a release's purge marker stays, so the bucket does not grow
 _FIRST_RETRY_DELAY = 0.005
 _MAX_RETRY_DELAY = 0.05
-_UNREACHABLE = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.js.errors.ServiceUnavailableError,
-    asyncio.TimeoutError,
-)
+# Failures that leave the lock's state unknown (no responders while the bucket elects a
+# leader, timeouts, a lost connection). Wrong-revision errors are caught before these.
+_UNREACHABLE = (nats.errors.Error, asyncio.TimeoutError)
 
 
 class NatsKvLockBackend:

@@ -136,11 +136,12 @@ class ManagedProcess:
 class NatsServer(ManagedProcess):
     """nats-server with JetStream on file storage in *workdir*."""
 
-    def __init__(self, workdir: Path, name: str = "nats") -> None:
+    def __init__(self, workdir: Path, name: str = "nats", binary: str = "") -> None:
         super().__init__(name, workdir)
         self.port = free_port()
         self.monitor_port = free_port()
         self.store = workdir / f"{name}-store"
+        self.binary = binary or nats_server_binary()
 
     @property
     def url(self) -> str:
@@ -149,7 +150,7 @@ class NatsServer(ManagedProcess):
 
     def _command(self) -> list[str]:
         return [
-            nats_server_binary(),
+            self.binary,
             "-a",
             "127.0.0.1",
             "-p",

@@ -76,7 +76,7 @@ async def check_exactly_once_in_order(
     assert status == 0
 
 
-@pytest.mark.parametrize("lock_backend", ["redis", "nats-kv"])
+@pytest.mark.parametrize("lock_backend", ["redis", "redis-quorum-3", "nats-kv"])
 async def test_sidecars_keep_every_entity_in_order(
     lock_backend: str,
     nats_server: NatsServer,
@@ -86,12 +86,23 @@ async def test_sidecars_keep_every_entity_in_order(
     nc: NatsClient,
     tmp_path: Path,
 ) -> None:
-    options = sidecar_options(nats_server, redis_server, names, lock_backend)
+    backend = "redis" if lock_backend.startswith("redis") else "nats-kv"
+    options = sidecar_options(nats_server, redis_server, names, backend)
+    masters = [RedisServer(tmp_path, f"master-{n}") for n in range(2)]
+    if lock_backend == "redis-quorum-3":
+        for master in masters:
+            master.start()
+        options["redis_url"] = ",".join([redis_server.url, *(m.url for m in masters)])
     running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
     producers = Producers(tmp_path)
     start_producers(producers, running)
-    assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    try:
+        assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    finally:
+        for master in masters:
+            master.kill()
     await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
+    assert f"locks: {backend}" in running[0].log_path.read_text()
 
 
 async def test_verify_finds_violations_of_naive_publishers(

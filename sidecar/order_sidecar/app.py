@@ -146,7 +146,9 @@ class SidecarApp:
         cfg = self.config
         if cfg.chosen_lock_backend == "redis":
             return RedisLockBackend(list(cfg.redis_url))
-        return await NatsKvLockBackend.open(nc, cfg.lock_bucket, cfg.kv_replicas)
+        return await NatsKvLockBackend.open(
+            nc, cfg.lock_bucket, cfg.kv_replicas, lock_ttl=cfg.lock_ttl
+        )
 
     def _lock_description(self) -> str:
         if self.config.chosen_lock_backend == "redis":

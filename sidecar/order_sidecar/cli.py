@@ -13,7 +13,7 @@ from . import __version__
 from .app import SidecarApp, connect_nats
 from .bench import BenchConfig, format_rows, run_bench, write_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
-from .demo import DemoConfig, format_results, run_demo
+from .demo import DemoConfig, run_demo
 from .errors import SidecarError
 from .verify import format_json, format_table, verify_stream
 
@@ -72,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo_config = from_sources(DemoConfig, args, os.environ)
             logging.basicConfig(level=logging.WARNING)
             results = asyncio.run(run_demo(demo_config))
-            print(format_results(demo_config, results))
             return 1 if results[-1].report.violations else 0
         if args.command == "bench":
             bench_config = from_sources(BenchConfig, args, os.environ)

@@ -66,7 +66,7 @@ class ServeConfig(NatsOptions):
         "auto", "redis, nats-kv, or auto: redis when --redis-url is set, else nats-kv"
     )
     redis_url: tuple[str, ...] = option(
-        (), "Redis master URL for locks; repeat for a Redlock quorum (env: comma-separated)"
+        (), "Redis master URL for locks; repeat (or comma-separate) for a Redlock quorum"
     )
     lock_bucket: str = option("ORDERSIDECAR_LOCKS", "KV bucket of the nats-kv lock backend")
     kv_replicas: int = option(1, "KV bucket replicas when the sidecar creates it")
@@ -216,8 +216,9 @@ def _shown(item: dataclasses.Field[Any]) -> str:
 def _convert(item: dataclasses.Field[Any], raw: str | bool | Sequence[str]) -> Any:
     kind = _field_kind(item)
     if kind is tuple:
-        parts = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[arg-type]
-        return tuple(part.strip() for part in parts if part.strip())
+        values = [raw] if isinstance(raw, str) else list(raw)  # type: ignore[arg-type]
+        parts = [part.strip() for value in values for part in value.split(",")]
+        return tuple(part for part in parts if part)
     if kind is bool:
         if isinstance(raw, bool):
             return raw

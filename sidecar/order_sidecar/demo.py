@@ -178,45 +178,49 @@ async def _timed_run(
 
 
 async def run_demo(config: DemoConfig) -> list[RunResult]:
-    """Both runs on one embedded nats-server."""
+    """Both runs on one embedded nats-server; each run's table is printed as it ends."""
+    print(
+        f"{config.producers} producer replicas x {config.tasks} writers, "
+        f"{config.entities} shared entities, {config.events} events per run",
+        flush=True,
+    )
+    results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="order-sidecar-demo-") as scratch:
         server = EmbeddedNats(Path(config.data_dir or scratch))
         url = await server.start()
         print(f"embedded nats-server on {url}, data in {server.data_dir}", file=sys.stderr)
         try:
-            return [await naive_run(config, url), await sidecar_run(config, url)]
+            for run in (naive_run, sidecar_run):
+                results.append(await run(config, url))
+                print(format_table(results[-1]), flush=True)
         finally:
             server.stop()
+    print("\n" + verdict(results))
+    return results
 
 
-def format_results(config: DemoConfig, results: list[RunResult]) -> str:
-    """The table and a one-line verdict."""
-    head = (
-        f"{config.producers} producer replicas x {config.tasks} writers, "
-        f"{config.entities} shared entities, {config.events} events per run"
-    )
+def format_table(result: RunResult) -> str:
+    """One run's table."""
+    report = result.report
     columns = ["run", "events", "entities", "gaps", "duplicates", "inversions", "events/s"]
-    rows = [
-        [
-            r.name,
-            str(r.report.events),
-            str(r.report.entities),
-            str(r.report.gaps),
-            str(r.report.duplicates),
-            str(r.report.inversions),
-            f"{r.events_per_s:.0f}",
-        ]
-        for r in results
+    row = [
+        result.name,
+        str(report.events),
+        str(report.entities),
+        str(report.gaps),
+        str(report.duplicates),
+        str(report.inversions),
+        f"{result.events_per_s:.0f}",
     ]
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+    widths = [max(len(a), len(b)) for a, b in zip(columns, row, strict=True)]
     lines = [
         "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
-        for row in [columns, *rows]
+        for cells in (columns, row)
     ]
-    return "\n".join([head, *lines, verdict(results)])
+    return "\n" + "\n".join(lines)
 
 
 def _split(total: int, parts: int) -> list[int]:

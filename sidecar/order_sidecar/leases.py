@@ -80,6 +80,7 @@ class LeaseRegistry:
                 f"entity {entity_type}/{entity_id} stayed locked for {wait:g}s; retry later"
             )
         taken_at = time.monotonic()
+        ttl = lock.ttl  # the backend's effective TTL (a KV bucket may fix it)
         try:
             position = await self._stream.position(subject, from_leader=True)
         except BaseException:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,15 +59,17 @@ def _redis(tmp_path: Path, masters: int) -> BackendUnderTest:
     return BackendUnderTest(f"redis x{masters}", list(servers), make, waiting)
 
 
-def _nats_kv(tmp_path: Path) -> BackendUnderTest:
-    server = NatsServer(tmp_path)
+def _nats_kv(tmp_path: Path, binary: str = "") -> BackendUnderTest:
+    server = NatsServer(tmp_path, binary=binary)
     server.start()
     under_test = BackendUnderTest("nats-kv", [server], lambda: _never(), None)
 
     async def make() -> LockBackend:
         nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
         under_test.closers.append(nc.close)
-        return await NatsKvLockBackend.open(nc, "CONFORMANCE", request_timeout=0.5)
+        backend = await NatsKvLockBackend.open(nc, "CONFORMANCE", request_timeout=0.5, lock_ttl=TTL)
+        assert (backend.fixed_ttl is not None) == bool(binary)
+        return backend
 
     under_test.make = make
     return under_test
@@ -74,11 +79,28 @@ async def _never() -> LockBackend:
     raise AssertionError("replaced before use")
 
 
-@pytest.fixture(params=["redis-single", "redis-quorum-3", "nats-kv"])
+def _old_nats_server() -> str:
+    """Debian's nats-server (2.9 here), which has no per-key TTLs, if it is installed."""
+    binary = shutil.which("nats-server", path="/usr/sbin:/usr/bin") or ""
+    if not binary:
+        return ""
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    match = re.search(r"v(\d+)\.(\d+)", version)
+    return binary if match and (int(match[1]), int(match[2])) < (2, 11) else ""
+
+
+@pytest.fixture(params=["redis-single", "redis-quorum-3", "nats-kv", "nats-kv-max-age"])
 async def backend(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[BackendUnderTest]:
-    if request.param == "nats-kv":
+    if request.param == "nats-kv-max-age":
+        old = _old_nats_server()
+        if not old:
+            pytest.skip("no nats-server older than 2.11 installed (Debian's package has 2.9)")
+        under_test = _nats_kv(tmp_path, old)
+    elif request.param == "nats-kv":
         under_test = _nats_kv(tmp_path)
     else:
         under_test = _redis(tmp_path, 1 if request.param == "redis-single" else 3)

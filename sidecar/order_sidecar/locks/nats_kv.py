@@ -2,12 +2,14 @@
 
 Acquire creates the key only if absent (or deleted); renew and release update or delete
 it only at the revision we hold; a lock that is not renewed ends by the key's own TTL
-(per-message TTL, nats-server 2.11+). Needs no service besides NATS.
+(per-message TTL, nats-server 2.11+). On older servers the bucket's max age is the TTL of
+every lock (``--lock-ttl`` when the sidecar creates the bucket). Needs nothing but NATS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 import time
@@ -21,6 +23,8 @@ from nats.js.kv import KeyValue
 
 from ..errors import ConfigError, LockBackendUnavailable
 from .base import Lease
+
+log = logging.getLogger(__name__)
 
 MIN_SERVER = (2, 11)
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -37,24 +41,31 @@ class NatsKvLockBackend:
 
     name = "nats-kv"
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext, bucket: str) -> None:
+    def __init__(
+        self, kv: KeyValue, js: JetStreamContext, bucket: str, fixed_ttl: float | None = None
+    ) -> None:
         self._kv = kv
         self._js = js
         self._subject_prefix = f"$KV.{bucket}."
+        #: Set on servers without per-key TTLs: every lock lives this long unless renewed.
+        self.fixed_ttl = fixed_ttl
 
     @classmethod
     async def open(
-        cls, nc: NatsClient, bucket: str, replicas: int = 1, request_timeout: float = 2.0
+        cls,
+        nc: NatsClient,
+        bucket: str,
+        replicas: int = 1,
+        request_timeout: float = 2.0,
+        lock_ttl: float = 10.0,
     ) -> NatsKvLockBackend:
-        """Bind to *bucket*, creating it if missing; ConfigError on a server without key TTLs."""
+        """Bind to *bucket*, creating it if missing.
+
+        On a server without per-key TTLs the bucket is made with max age *lock_ttl*, and an
+        existing bucket's max age is used as every lock's TTL.
+        """
         server = nc.connected_server_version
-        version = (server.major, server.minor)
-        if version < MIN_SERVER:
-            raise ConfigError(
-                f"--lock-backend nats-kv needs nats-server {MIN_SERVER[0]}.{MIN_SERVER[1]}+ "
-                f"for per-key TTLs; this server is {server}: upgrade it "
-                "or use --lock-backend redis"
-            )
+        per_key_ttl = (server.major, server.minor) >= MIN_SERVER
         js = nc.jetstream(timeout=request_timeout)
         try:
             kv = await js.key_value(bucket)
@@ -65,19 +76,33 @@ class NatsKvLockBackend:
                     history=1,
                     storage=StorageType.FILE,
                     replicas=replicas,
+                    ttl=None if per_key_ttl else lock_ttl,
                     description="entity locks of nats-order-sidecar",
                 )
             )
-        return cls(kv, js, bucket)
+        if per_key_ttl:
+            return cls(kv, js, bucket)
+        max_age = (await js.stream_info(f"KV_{bucket}")).config.max_age
+        if not max_age:
+            raise ConfigError(
+                f"KV bucket {bucket} has no max age and nats-server {server} has no per-key "
+                "TTLs, so locks would never expire: delete the bucket, use another "
+                "--lock-bucket, upgrade to nats-server 2.11+, or use --lock-backend redis"
+            )
+        log.info("nats-server %s: every lock lives %ss (bucket max age)", server, max_age)
+        return cls(kv, js, bucket, fixed_ttl=float(max_age))
 
     async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
         """Create the key if absent; retry with a short jittered backoff until *wait* ends."""
         deadline = time.monotonic() + wait
         delay = _FIRST_RETRY_DELAY
         token = secrets.token_hex(16)
+        ttl = self.fixed_ttl or ttl
         while True:
             try:
-                revision = await self._kv.create(_kv_key(key), token.encode(), msg_ttl=ttl)
+                revision = await self._kv.create(
+                    _kv_key(key), token.encode(), msg_ttl=self._msg_ttl(ttl)
+                )
                 return Lease(key=key, ttl=ttl, handle=(revision, token))
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
@@ -99,7 +124,7 @@ class NatsKvLockBackend:
                 self._subject_prefix + _kv_key(lease.key),
                 token.encode(),
                 headers={EXPECTED_LAST: str(revision)},
-                msg_ttl=lease.ttl,
+                msg_ttl=self._msg_ttl(lease.ttl),
             )
         except (nats.js.errors.APIError, *_UNREACHABLE):
             return False
@@ -118,10 +143,13 @@ class NatsKvLockBackend:
                     "KV-Operation": "PURGE",
                     "Nats-Rollup": "sub",
                 },
-                msg_ttl=MARKER_TTL,
+                msg_ttl=self._msg_ttl(MARKER_TTL),
             )
         except (nats.js.errors.APIError, *_UNREACHABLE):
             pass
+
+    def _msg_ttl(self, ttl: float) -> float | None:
+        return None if self.fixed_ttl else ttl
 
     async def close(self) -> None:
         """Nothing to close: the sidecar owns the NATS connection."""

@@ -43,3 +43,34 @@ def test_bench_measures_unary_and_batch(
     assert [(r["events"], r["failed"]) for r in rows] == [(300, 0)] * 3
     assert "lease round" in rows[1]["mode"]
     assert all(r["events_per_s"] > 0 for r in rows)
+
+
+def test_bench_suite_measures_everything_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "suite.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "order_sidecar.cli",
+            "bench",
+            "--suite",
+            "--events=120",
+            "--suite-payloads=256",
+            "--suite-entities=1",
+            "--batch-size=20",
+            f"--json-out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())
+    modes = [(r["setting"], r["mode"]) for r in rows]
+    assert ("256 B", "raw publish_async, 64 in flight") in modes
+    assert ("256 B", "grpc.aio echo, 64 in flight") in modes
+    assert ("256 B, 1 ent, 3 sc", "Publish (unary)") in modes
+    assert all(r["failed"] == 0 and r["events_per_s"] > 0 for r in rows)
+    assert [r["ratio"] for r in rows if r["mode"].startswith("raw publish_async")] == [1.0]
+    assert "bench: 256 B, 1 entities, 3 sidecar(s)" in result.stderr

@@ -10,6 +10,7 @@ measured side by side in one run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .config import check_range, option
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class BenchConfig:
     batch_size: int = option(100, "events per PublishBatch call")
     payload_bytes: int = option(256, "payload size in bytes")
     json_out: str = option("", "also write the results to this JSON file")
+    suite: bool = option(
+        False, "self-hosted suite: embedded NATS, raw NATS baselines, gRPC floor, 1 and 3 sidecars"
+    )
+    suite_payloads: str = option("256,10240", "payload sizes of the suite, comma-separated")
+    suite_entities: str = option("1,100,10000", "entity counts of the suite, comma-separated")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid option."""
@@ -40,6 +47,13 @@ class BenchConfig:
         check_range("concurrency", self.concurrency, 1, 10_000)
         check_range("batch_size", self.batch_size, 1, 100_000)
         check_range("payload_bytes", self.payload_bytes, 0, 64 * 1024 * 1024)
+        for name in ("suite_payloads", "suite_entities"):
+            if not all(p.strip().isdigit() for p in getattr(self, name).split(",")):
+                raise ConfigError(f"--{name.replace('_', '-')} must be comma-separated numbers")
+
+    def numbers(self, name: str) -> list[int]:
+        """A comma-separated option as numbers."""
+        return [int(p) for p in getattr(self, name).split(",")]
 
 
 @dataclass
@@ -99,56 +113,68 @@ async def _drive(
     return time.perf_counter() - started, latencies, failures
 
 
-async def run_bench(config: BenchConfig) -> list[BenchRow]:
-    """Measure unary and batch publishing against *config.target*."""
-    rows = []
+async def run_bench(config: BenchConfig, targets: list[str] | None = None) -> list[BenchRow]:
+    """Measure unary, lease-round and batch publishing against *config.target* (or spread
+    over *targets*, one channel each, calls taken round robin)."""
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(config.target, options=options) as channel:
-        stub = sidecar_pb2_grpc.SidecarStub(channel)
+    channels = [grpc.aio.insecure_channel(t, options=options) for t in targets or [config.target]]
+    try:
+        return await _run_modes(config, [sidecar_pb2_grpc.SidecarStub(c) for c in channels])
+    finally:
+        for channel in channels:
+            await channel.close()
 
-        async def unary(request: object) -> list[str]:
-            await stub.Publish(request, timeout=30)  # type: ignore[arg-type]
-            return []
 
-        async def batch(events: object) -> list[str]:
-            reply = await stub.PublishBatch(
-                sidecar_pb2.PublishBatchRequest(events=events),  # type: ignore[arg-type]
-                timeout=60,
+async def _run_modes(
+    config: BenchConfig, stubs: list[sidecar_pb2_grpc.SidecarAsyncStub]
+) -> list[BenchRow]:
+    rows = []
+    turn = itertools.cycle(stubs)
+
+    async def unary(request: object) -> list[str]:
+        await next(turn).Publish(request, timeout=30)  # type: ignore[arg-type]
+        return []
+
+    async def batch(events: object) -> list[str]:
+        reply = await next(turn).PublishBatch(
+            sidecar_pb2.PublishBatchRequest(events=events),  # type: ignore[arg-type]
+            timeout=60,
+        )
+        return [result.message for result in reply.results if result.code != 0]
+
+    async def lease_round(request: object) -> list[str]:
+        event: sidecar_pb2.PublishRequest = request  # type: ignore[assignment]
+        ask = sidecar_pb2.AcquireLeaseRequest(
+            entity_type=event.entity_type, entity_id=event.entity_id
+        )
+        ask.wait_timeout.FromSeconds(10)
+        stub = next(turn)
+        lease = await stub.AcquireLease(ask, timeout=30)
+        event.lease_id = lease.lease_id
+        try:
+            await stub.Publish(event, timeout=30)
+        finally:
+            await stub.ReleaseLease(
+                sidecar_pb2.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=30
             )
-            return [result.message for result in reply.results if result.code != 0]
+        return []
 
-        async def lease_round(request: object) -> list[str]:
-            event: sidecar_pb2.PublishRequest = request  # type: ignore[assignment]
-            ask = sidecar_pb2.AcquireLeaseRequest(
-                entity_type=event.entity_type, entity_id=event.entity_id
-            )
-            ask.wait_timeout.FromSeconds(10)
-            lease = await stub.AcquireLease(ask, timeout=30)
-            event.lease_id = lease.lease_id
-            try:
-                await stub.Publish(event, timeout=30)
-            finally:
-                await stub.ReleaseLease(
-                    sidecar_pb2.ReleaseLeaseRequest(lease_id=lease.lease_id), timeout=30
-                )
-            return []
-
-        run = uuid.uuid4().hex[:8]
-        unary_calls: list[object] = list(_requests(config, f"u{run}"))
-        seconds, latencies, failures = await _drive(unary_calls, config.concurrency, unary)
-        rows.append(_row("Publish (unary)", config.events, failures, seconds, latencies))
-        lease_calls: list[object] = list(_requests(config, f"l{run}"))
-        seconds, latencies, failures = await _drive(lease_calls, config.concurrency, lease_round)
-        mode = "lease round (acquire+publish+release)"
-        rows.append(_row(mode, config.events, failures, seconds, latencies))
-        events = _requests(config, f"b{run}")
-        batches: list[object] = [
-            events[i : i + config.batch_size] for i in range(0, len(events), config.batch_size)
-        ]
-        in_flight = max(1, min(config.concurrency, len(batches)))
-        seconds, latencies, failures = await _drive(batches, in_flight, batch)
-        mode = f"PublishBatch ({config.batch_size}/call)"
-        rows.append(_row(mode, config.events, failures, seconds, latencies))
+    run = uuid.uuid4().hex[:8]
+    unary_calls: list[object] = list(_requests(config, f"u{run}"))
+    seconds, latencies, failures = await _drive(unary_calls, config.concurrency, unary)
+    rows.append(_row("Publish (unary)", config.events, failures, seconds, latencies))
+    lease_calls: list[object] = list(_requests(config, f"l{run}"))
+    seconds, latencies, failures = await _drive(lease_calls, config.concurrency, lease_round)
+    mode = "lease round (acquire+publish+release)"
+    rows.append(_row(mode, config.events, failures, seconds, latencies))
+    events = _requests(config, f"b{run}")
+    batches: list[object] = [
+        events[i : i + config.batch_size] for i in range(0, len(events), config.batch_size)
+    ]
+    in_flight = max(1, min(config.concurrency, len(batches)))
+    seconds, latencies, failures = await _drive(batches, in_flight, batch)
+    mode = f"PublishBatch ({config.batch_size}/call)"
+    rows.append(_row(mode, config.events, failures, seconds, latencies))
     return rows
 
 

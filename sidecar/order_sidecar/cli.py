@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import __version__
 from .app import SidecarApp, connect_nats
 from .bench import BenchConfig, format_rows, run_bench, write_json
+from .benchsuite import format_suite, run_suite, write_suite_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .demo import DemoConfig, run_demo
 from .errors import SidecarError
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if results[-1].report.violations else 0
         if args.command == "bench":
             bench_config = from_sources(BenchConfig, args, os.environ)
+            if bench_config.suite:
+                return _suite(bench_config)
             rows = asyncio.run(run_bench(bench_config))
             print(format_rows(bench_config, rows))
             if bench_config.json_out:
@@ -85,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SidecarError as error:
         print(f"order-sidecar: error: {error}", file=sys.stderr)
         return 2
+
+
+def _suite(config: BenchConfig) -> int:
+    rows = asyncio.run(
+        run_suite(config, config.numbers("suite_payloads"), config.numbers("suite_entities"))
+    )
+    print(format_suite(rows))
+    if config.json_out:
+        write_suite_json(config.json_out, rows)
+    return 1 if any(item.row.failed for item in rows) else 0
 
 
 async def _verify(config: VerifyConfig) -> int:

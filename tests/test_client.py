@@ -18,7 +18,7 @@ from order_sidecar_client import (
     SidecarError,
 )
 
-from .helpers import message_count
+from .helpers import message_count, stream_messages
 from .servers import NatsServer, RedisServer, SidecarProcess, wait_until
 from .test_e2e import sidecar_options
 
@@ -114,3 +114,42 @@ def test_sync_lease_is_renewed_by_a_thread_and_released(
         with client.lease("order", "l1", ttl=1.0, wait=0.0) as again:
             assert again.fencing_token == published.sequence == 1
             assert again.info.last_version == 1
+
+
+async def test_batch_never_resends_events_behind_a_final_failure(
+    app: SidecarApp, nc: NatsClient
+) -> None:
+    async with AsyncSidecarClient(app.target) as client:
+        await client.publish(Event("order", "b1", "create", entity_version=5))
+        results = await client.publish_batch(
+            [
+                Event("order", "b1", "update", b"a", entity_version=6),
+                Event("order", "b1", "update", b"b", entity_version=6),  # stale now
+                Event("order", "b1", "update", b"c", entity_version=7),
+                Event("order", "b2", "create"),
+            ]
+        )
+    codes = [r.code if isinstance(r, SidecarError) else grpc.StatusCode.OK for r in results]
+    assert codes == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OK,
+    ]
+    stored = await stream_messages(nc, app.config.stream)
+    assert [m.headers.get("Entity-Version") for m in stored if m.headers["Entity-Id"] == "b1"] == [
+        "5",
+        "6",
+    ]
+
+
+def test_pending_indexes_stop_at_a_final_failure() -> None:
+    from order_sidecar_client._types import finish_results, pending_indexes
+
+    events = [Event("t", "x", "update"), Event("t", "x", "update"), Event("t", "y", "update")]
+    aborted = SidecarError(grpc.StatusCode.ABORTED, "retry")
+    invalid = SidecarError(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    assert pending_indexes(events, [invalid, aborted, aborted]) == [2]
+    final = finish_results(events, [invalid, aborted, None])
+    assert isinstance(final[1], SidecarError)
+    assert final[1].code == grpc.StatusCode.FAILED_PRECONDITION

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -114,7 +115,8 @@ async def test_batch_with_invalid_event_publishes_none_of_that_entity(
     ]
     reply = await stub.PublishBatch(sidecar_pb2.PublishBatchRequest(events=events))
     codes = [grpc.StatusCode.OK.value[0]] * 5
-    codes[0] = codes[3] = grpc.StatusCode.ABORTED.value[0]
+    # Not retryable: a client must not resend them without the invalid one.
+    codes[0] = codes[3] = grpc.StatusCode.FAILED_PRECONDITION.value[0]
     codes[2] = grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert [r.code for r in reply.results] == codes
     assert "#2" in reply.results[0].message
@@ -238,3 +240,44 @@ async def test_one_sidecar_never_contends_with_itself(serve_config: ServeConfig)
         assert app.publisher.stats.fenced == 0
     finally:
         await app.stop()
+
+
+async def test_cancelled_waiter_does_not_leave_the_lock_held(
+    serve_config: ServeConfig, redis_server: RedisServer
+) -> None:
+    """The holder hands the gate to a waiter, which is cancelled before it runs: the
+    entity's lock must be released, not renewed forever by a gate nobody can reach."""
+    app = SidecarApp(serve_config)
+    await app.start()
+    redis = Redis.from_url(redis_server.url)
+    try:
+        assert app.publisher is not None
+        gates = app.publisher._gates
+        key = app.publisher.lock_key(Event("patient", "orphan", "update", b""))
+        entered = asyncio.Event()
+
+        async def waiter() -> None:
+            async with gates.hold(key):
+                entered.set()
+
+        async with gates.hold(key) as gate:
+            await gates.ensure_lease(gate, None)
+            queued = asyncio.ensure_future(waiter())
+            await _until(lambda: gate.users == 2, 5.0)
+        queued.cancel()  # before it gets to run with the gate handed over
+        with contextlib.suppress(asyncio.CancelledError):
+            await queued
+        assert not entered.is_set()
+        assert gates.busy_entities == 0
+        assert not await redis.exists(f"redlock:ordersidecar:{key}")
+    finally:
+        await redis.aclose()
+        await app.stop()
+
+
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -74,9 +74,21 @@ class ForeignMessage(SidecarError):
 
 
 class EarlierEventFailed(SidecarError):
-    """A batch event was skipped because an earlier event of its entity failed."""
+    """A batch event was skipped because an earlier event of its entity failed.
 
-    code = grpc.StatusCode.ABORTED
+    ABORTED when that failure may pass on a retry (send both again, in order, with the
+    same keys); FAILED_PRECONDITION when it will not, so that no client resends the later
+    events without the earlier one.
+    """
+
+    def __init__(self, message: str, earlier: SidecarError) -> None:
+        super().__init__(message)
+        retryable = earlier.code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        self.code = grpc.StatusCode.ABORTED if retryable else grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Unavailable(SidecarError):

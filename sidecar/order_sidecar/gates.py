@@ -76,8 +76,13 @@ class EntityGates:
                         await self._let_go(gate)
         finally:
             gate.users -= 1
-            if gate.users == 0 and self._gates.get(key) is gate:
-                del self._gates[key]
+            if gate.users == 0:
+                if self._gates.get(key) is gate:
+                    del self._gates[key]
+                # A waiter cancelled after the holder handed over to it must not leave
+                # the lock held (and renewed) by a gate nobody can reach any more.
+                if gate.lease is not None or gate.renewer is not None:
+                    await self._let_go(gate)
 
     async def ensure_lease(self, gate: EntityGate, budget: float | None) -> None:
         """Hold the entity's distributed lock, unless the backend is down and we may fence.

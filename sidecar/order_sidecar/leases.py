@@ -79,7 +79,7 @@ class LeaseRegistry:
             raise Contention(
                 f"entity {entity_type}/{entity_id} stayed locked for {wait:g}s; retry later"
             )
-        taken_at = time.monotonic()
+        taken_at = lock.started or time.monotonic()
         ttl = lock.ttl  # the backend's effective TTL (a KV bucket may fix it)
         try:
             position = await self._stream.position(subject, from_leader=True)

@@ -21,6 +21,7 @@ from .errors import (
     Contention,
     EarlierEventFailed,
     FencingConflict,
+    IdempotencyKeyReused,
     InvalidEvent,
     LeaseLost,
     PreconditionFailed,
@@ -29,7 +30,7 @@ from .errors import (
 from .events import Event, check_size
 from .gates import EntityGate, EntityGates
 from .leases import LeaseRegistry
-from .stream import EntityPosition, EventStream, Stored
+from .stream import EntityPosition, EventStream, Stored, event_digest
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Publisher:
                         results.append(await self._publish_held(gate, event, deadline))
                 except SidecarError as error:
                     results.append(error)
-                    results.extend(_skipped(events[index + 1 :]))
+                    results.extend(_skipped(events[index + 1 :], error))
                     break
         return results
 
@@ -101,11 +102,13 @@ class Publisher:
         for attempt in range(self._max_attempts):
             await self._gates.ensure_lease(gate, _remaining(deadline))
             try:
-                if gate.position is None or _violates(event, gate.position):
-                    # A refusal must rest on fresh data, not on what we cached.
-                    gate.position = await self.stream.position(
-                        subject, from_leader=from_leader or gate.position is not None
-                    )
+                fresh = gate.position is None and from_leader
+                if gate.position is None:
+                    gate.position = await self.stream.position(subject, from_leader=from_leader)
+                if not fresh and _violates(event, gate.position):
+                    # A refusal must rest on the stream leader's view: not on our cache,
+                    # nor on a replica that may lag behind.
+                    gate.position = await self.stream.position(subject, from_leader=True)
                 refusal = _precondition_result(event, gate.position, subject)
                 if refusal is not None:
                     return refusal
@@ -151,7 +154,10 @@ class Publisher:
                     "acquire a new lease and redo the transaction"
                 ) from error
             self._count(stored)
-            if not stored.duplicate:
+            if stored.duplicate:
+                # A retry after a lost ack: the lease's view may be one event behind.
+                lease.position = await self.stream.position(lease.subject, from_leader=True)
+            else:
                 lease.position = lease.position.after(stored, event)
             return stored
 
@@ -177,24 +183,31 @@ def _precondition_result(event: Event, position: EntityPosition, subject: str) -
     if not _violates(event, position):
         return None
     if position.msg_id == wire.msg_id(event.entity_type, event.entity_id, event.idempotency_key):
+        if position.digest != event_digest(event):
+            raise IdempotencyKeyReused(
+                f"idempotency_key {event.idempotency_key!r} was already used for a different "
+                "event of this entity; use a new key for a new event"
+            )
         return Stored(position.sequence, position.stream_sequence, subject, duplicate=True)
     entity = f"{event.entity_type}/{event.entity_id}"
     if event.expected_sequence is not None and event.expected_sequence != position.sequence:
         raise PreconditionFailed(
             f"{entity}: last sequence is {position.sequence}, expected "
-            f"{event.expected_sequence}; not published: re-read the entity and retry"
+            f"{event.expected_sequence}; not published by this request: re-read the entity "
+            "and retry"
         )
     raise PreconditionFailed(
         f"{entity}: entity_version {event.entity_version} is stale, the last published "
-        f"version is {position.version}; not published"
+        f"version is {position.version}; not published by this request"
     )
 
 
-def _skipped(events: Sequence[Event]) -> list[Stored | SidecarError]:
+def _skipped(events: Sequence[Event], earlier: SidecarError) -> list[Stored | SidecarError]:
     return [
         EarlierEventFailed(
-            "not published: an earlier event of this entity in the batch failed; "
-            "fix it and send this one again"
+            "not published: an earlier event of this entity in the batch failed "
+            f"({earlier.code.name}); send it and this one again, in order",
+            earlier,
         )
         for _ in events
     ]

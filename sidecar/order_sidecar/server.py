@@ -201,7 +201,8 @@ def _group_by_entity(
                 if isinstance(item, SidecarError)
                 else EarlierEventFailed(
                     f"not published: event #{invalid[0]} of the same entity in this batch "
-                    "is invalid; fix it and send the entity's events again"
+                    "is invalid; fix it and send the entity's events again",
+                    InvalidEvent("invalid"),
                 )
             )
     return groups

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class EntityPosition:
     stream_sequence: int
     version: int | None = None
     msg_id: str = ""
+    digest: str = ""
 
     def after(self, stored: Stored, event: Event) -> EntityPosition:
         """The entity's position once *stored* (the append of *event*) is its last event."""
@@ -53,6 +55,7 @@ class EntityPosition:
             stored.stream_sequence,
             event.entity_version,
             wire.msg_id(event.entity_type, event.entity_id, event.idempotency_key),
+            event_digest(event),
         )
 
 
@@ -151,6 +154,7 @@ class EventStream:
             int(msg.seq or 0),
             int(raw_version) if raw_version.isdigit() else None,
             headers.get(wire.HEADER_MSG_ID, ""),
+            _digest(headers.get(wire.HEADER_ENTITY_OPERATION, ""), msg.data or b""),
         )
 
     async def append(self, subject: str, event: Event, after: EntityPosition) -> Stored:
@@ -212,6 +216,15 @@ class EventStream:
                 "for a new event"
             )
         return Stored(_entity_sequence(msg), stream_sequence, subject, duplicate=True)
+
+
+def event_digest(event: Event) -> str:
+    """What tells two events with one idempotency key apart: operation and payload."""
+    return _digest(event.operation, event.payload)
+
+
+def _digest(operation: str, payload: bytes) -> str:
+    return hashlib.sha256(operation.encode() + b"\0" + payload).hexdigest()[:32]
 
 
 def _entity_sequence(msg: RawStreamMsg) -> int:

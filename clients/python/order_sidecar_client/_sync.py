@@ -20,6 +20,7 @@ from ._types import (
     SidecarError,
     acquire_request,
     batch_results,
+    finish_results,
     pending_indexes,
 )
 
@@ -94,7 +95,7 @@ class SidecarClient:
         """
         results: list[BatchResult | None] = [None] * len(events)
         for attempt in range(1, self.retry.attempts + 1):
-            todo = pending_indexes(results)
+            todo = pending_indexes(events, results)
             if not todo:
                 break
             request = sidecar_pb2.PublishBatchRequest(events=[events[i].to_request() for i in todo])
@@ -108,9 +109,9 @@ class SidecarClient:
                     results[index] = error
                 if not error.retryable:
                     break
-            if attempt < self.retry.attempts and pending_indexes(results):
+            if attempt < self.retry.attempts and pending_indexes(events, results):
                 time.sleep(self.retry.backoff(attempt))
-        return [r for r in results if r is not None]
+        return finish_results(events, results)
 
     def close(self) -> None:
         """Close the channel."""

@@ -22,6 +22,9 @@ class Lease:
     key: str
     ttl: float
     handle: object
+    #: time.monotonic() when the successful attempt began: the lock's TTL runs from no
+    #: earlier than this, so a holder that counts from here never outlives its lock.
+    started: float = 0.0
 
 
 @runtime_checkable

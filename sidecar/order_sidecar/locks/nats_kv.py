@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
@@ -99,13 +100,14 @@ class NatsKvLockBackend:
         token = secrets.token_hex(16)
         ttl = self.fixed_ttl or ttl
         while True:
+            started = time.monotonic()
             try:
                 revision = await self._kv.create(
                     _kv_key(key), token.encode(), msg_ttl=self._msg_ttl(ttl)
                 )
-                return Lease(key=key, ttl=ttl, handle=(revision, token))
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass
+                return Lease(key=key, ttl=ttl, handle=(revision, token), started=started)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.NotFoundError):
+                pass  # held by someone else, or it expired while we looked: try again
             except _UNREACHABLE as error:
                 raise LockBackendUnavailable(
                     f"NATS KV lock backend unreachable ({type(error).__name__}); retry later"
@@ -149,7 +151,9 @@ class NatsKvLockBackend:
             pass
 
     def _msg_ttl(self, ttl: float) -> float | None:
-        return None if self.fixed_ttl else ttl
+        # The server takes whole seconds; rounding up keeps the lock at least as long as
+        # its holder counts on (a shorter lock could let two holders overlap).
+        return None if self.fixed_ttl else float(max(1, math.ceil(ttl)))
 
     async def close(self) -> None:
         """Nothing to close: the sidecar owns the NATS connection."""

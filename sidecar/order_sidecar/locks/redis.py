@@ -83,6 +83,7 @@ class RedisLockBackend:
             await self._queue.leave(key, waiter)
 
     async def _try_once(self, key: str, ttl: float) -> Lease | None:
+        started = time.monotonic()
         lock = AIORedlock(
             key=f"ordersidecar:{key}",
             masters=self._masters,
@@ -97,7 +98,7 @@ class RedisLockBackend:
                 f"Redis lock backend unreachable ({type(error).__name__}); "
                 "check --redis-url and that a majority of masters is up"
             ) from error
-        return Lease(key=key, ttl=ttl, handle=lock) if acquired else None
+        return Lease(key=key, ttl=ttl, handle=lock, started=started) if acquired else None
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease on a majority of masters."""

@@ -40,7 +40,8 @@ def test_bench_measures_unary_and_batch(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["events"], r["failed"]) for r in rows] == [(300, 0)] * 3
+    assert [(r["events"], r["failed"]) for r in rows] == [(300, 0)] * 4
+    assert rows[2]["mode"] == "PublishStream"
     assert "lease round" in rows[1]["mode"]
     assert all(r["events_per_s"] > 0 for r in rows)
 

@@ -42,8 +42,10 @@ def sidecar_options(
     return options
 
 
-def start_producers(producers: Producers, sidecars: list[SidecarProcess]) -> None:
-    """Two producers per sidecar, each with 4 concurrent tasks."""
+def start_producers(
+    producers: Producers, sidecars: list[SidecarProcess], api: str = "unary"
+) -> None:
+    """Two producers per sidecar, each with 4 concurrent tasks (or one stream)."""
     for n in range(PRODUCERS):
         producers.start(
             "sidecar",
@@ -52,6 +54,7 @@ def start_producers(producers: Producers, sidecars: list[SidecarProcess]) -> Non
             entities=ENTITIES,
             events=EVENTS_EACH,
             tasks=4,
+            api=api,
         )
 
 
@@ -103,6 +106,22 @@ async def test_sidecars_keep_every_entity_in_order(
             master.kill()
     await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
     assert f"locks: {backend}" in running[0].log_path.read_text()
+
+
+async def test_sidecars_keep_order_through_publish_stream_at_full_speed(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
+) -> None:
+    options = sidecar_options(nats_server, redis_server, names)
+    running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
+    producers = Producers(tmp_path)
+    start_producers(producers, running, api="stream")
+    assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
 
 
 async def test_verify_finds_violations_of_naive_publishers(

@@ -29,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["sidecar", "naive", "commit", "lease-holder"])
     parser.add_argument("--lease", choices=["yes", "no"], default="no")
+    parser.add_argument("--api", choices=["unary", "stream"], default="unary")
     parser.add_argument("--target", default="")
     parser.add_argument("--nats-url", default="")
     parser.add_argument("--redis-url", default="")
@@ -47,6 +48,8 @@ def pick_entity(args: argparse.Namespace) -> str:
 
 
 async def run_sidecar(args: argparse.Namespace, out: TextIO) -> int:
+    if args.api == "stream":
+        return await run_sidecar_stream(args, out)
     failures = 0
     async with AsyncSidecarClient(args.target, retry=PATIENCE) as client:
 
@@ -68,6 +71,29 @@ async def run_sidecar(args: argparse.Namespace, out: TextIO) -> int:
                 out.write(json.dumps(record) + "\n")
 
         await asyncio.gather(*(task(n) for n in split(args.events, args.tasks)))
+    return 1 if failures else 0
+
+
+async def run_sidecar_stream(args: argparse.Namespace, out: TextIO) -> int:
+    """All of this producer's events over one PublishStream, as fast as it takes them."""
+    events = [
+        Event(args.entity_type, pick_entity(args), "update", args.producer.encode())
+        for _ in range(args.events)
+    ]
+    failures = 0
+    async with AsyncSidecarClient(args.target, retry=PATIENCE) as client:
+        async for event, result in client.publish_stream(events):
+            record: dict[str, Any] = {"key": event.idempotency_key, "entity": event.entity_id}
+            if isinstance(result, SidecarError):
+                failures += 1
+                record["error"] = result.code.name
+            else:
+                record |= {
+                    "sequence": result.sequence,
+                    "stream_sequence": result.stream_sequence,
+                    "duplicate": result.duplicate,
+                }
+            out.write(json.dumps(record) + "\n")
     return 1 if failures else 0
 
 

@@ -111,7 +111,11 @@ class SidecarApp:
         )
         server = grpc.aio.server()
         self._service = SidecarService(
-            self.publisher, cfg.max_batch, cfg.max_inflight_entities, cfg.lock_ttl
+            self.publisher,
+            cfg.max_batch,
+            cfg.max_inflight_entities,
+            cfg.lock_ttl,
+            cfg.stream_window,
         )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

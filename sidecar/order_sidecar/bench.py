@@ -14,6 +14,7 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -167,6 +168,7 @@ async def _run_modes(
     seconds, latencies, failures = await _drive(lease_calls, config.concurrency, lease_round)
     mode = "lease round (acquire+publish+release)"
     rows.append(_row(mode, config.events, failures, seconds, latencies))
+    rows.append(await _stream_mode(config, stubs[0], f"s{run}"))
     events = _requests(config, f"b{run}")
     batches: list[object] = [
         events[i : i + config.batch_size] for i in range(0, len(events), config.batch_size)
@@ -176,6 +178,28 @@ async def _run_modes(
     mode = f"PublishBatch ({config.batch_size}/call)"
     rows.append(_row(mode, config.events, failures, seconds, latencies))
     return rows
+
+
+async def _stream_mode(
+    config: BenchConfig, stub: sidecar_pb2_grpc.SidecarAsyncStub, run: str
+) -> BenchRow:
+    """All events over one PublishStream; latency from sending an event to its result."""
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    async def requests() -> AsyncIterator[sidecar_pb2.PublishStreamRequest]:
+        for number, request in enumerate(_requests(config, run)):
+            sent_at[str(number)] = time.perf_counter()
+            yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=request)
+
+    started = time.perf_counter()
+    async for response in stub.PublishStream(requests()):
+        latencies.append(time.perf_counter() - sent_at.pop(response.tag))
+        if response.result.code != 0:
+            failures.append(response.result.message)
+    seconds = time.perf_counter() - started
+    return _row("PublishStream", config.events, failures, seconds, latencies)
 
 
 def _row(

@@ -87,6 +87,9 @@ class ServeConfig(NatsOptions):
     max_batch: int = option(1000, "most events in one PublishBatch")
     max_conflict_retries: int = option(20, "fenced publish attempts before answering ABORTED")
     max_inflight_entities: int = option(64, "entities of one batch published concurrently")
+    stream_window: int = option(
+        256, "events of one PublishStream in flight before it stops reading"
+    )
     shutdown_grace: float = option(10.0, "seconds SIGTERM waits for in-flight requests")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -122,6 +125,7 @@ class ServeConfig(NatsOptions):
         check_range("max_batch", self.max_batch, 1, 100_000)
         check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
         check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
+        check_range("stream_window", self.stream_window, 1, 100_000)
         check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
         check_range("kv_replicas", self.kv_replicas, 1, 5)
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.lock_bucket):

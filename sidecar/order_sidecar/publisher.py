@@ -66,7 +66,11 @@ class Publisher:
 
     def lock_key(self, event: Event) -> str:
         """The lock name of *event*'s entity: unique per stream, type and id."""
-        return f"{self._stream_name}:{event.entity_type}:{wire.entity_token(event.entity_id)}"
+        return self.lock_key_of(event.entity_type, event.entity_id)
+
+    def lock_key_of(self, entity_type: str, entity_id: str) -> str:
+        """The lock name of an entity."""
+        return f"{self._stream_name}:{entity_type}:{wire.entity_token(entity_id)}"
 
     async def publish(self, event: Event, budget: float | None = None) -> Stored:
         """Publish one event; return where it is stored."""
@@ -75,6 +79,30 @@ class Publisher:
             return await self._publish_leased(event)
         async with self._gates.hold(self.lock_key(event)) as gate:
             return await self._publish_held(gate, event, _deadline(budget))
+
+    async def publish_streamed(
+        self, event: Event, index: int, failed: dict[str, tuple[int, SidecarError]]
+    ) -> Stored:
+        """Publish the *index*-th event of a stream, after the stream's earlier events of
+        its entity; refuse it if one of those failed (*failed*: per entity, the first
+        failure's index and error)."""
+        key = self.lock_key(event)
+        async with self._gates.hold(key) as gate:
+            earlier = failed.get(key)
+            if earlier is not None and earlier[0] < index:
+                raise EarlierEventFailed(
+                    f"not published: event {earlier[0]} of this entity on this stream failed "
+                    f"({earlier[1].code.name}); send it and this one again, in order",
+                    earlier[1],
+                )
+            try:
+                check_size(event, self.stream.max_payload)
+                if event.lease_id:
+                    return await self._publish_leased(event)
+                return await self._publish_held(gate, event, None)
+            except SidecarError as error:
+                failed.setdefault(key, (index, error))
+                raise
 
     async def publish_in_order(
         self, events: Sequence[Event], budget: float | None = None

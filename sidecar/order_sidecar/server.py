@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -33,8 +33,10 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         max_batch: int,
         max_inflight_entities: int,
         default_lease_ttl: float,
+        stream_window: int = 256,
     ) -> None:
         self._publisher = publisher
+        self._stream_window = stream_window
         self._default_lease_ttl = default_lease_ttl
         self._max_batch = max_batch
         self._max_inflight_entities = max_inflight_entities
@@ -108,6 +110,68 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
 
         return await self._answer(context, work)
+
+    async def PublishStream(
+        self,
+        requests: AsyncIterator[sidecar_pb2.PublishStreamRequest],
+        context: grpc.aio.ServicerContext[
+            sidecar_pb2.PublishStreamRequest, sidecar_pb2.PublishStreamResponse
+        ],
+    ) -> AsyncIterator[sidecar_pb2.PublishStreamResponse]:
+        """Publish a stream of tagged events; tagged results as each completes."""
+        replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_stream(requests, replies))
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # re-raises what stopped the reading, if anything
+        except Exception as error:
+            await _abort(context, error)
+        finally:
+            reader.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[sidecar_pb2.PublishStreamRequest],
+        replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None],
+    ) -> None:
+        window = asyncio.Semaphore(self._stream_window)
+        failed: dict[str, tuple[int, SidecarError]] = {}
+        running: set[asyncio.Task[None]] = set()
+
+        async def publish(index: int, tag: str, event: Event) -> None:
+            try:
+                outcome: BatchOutcome = await self._publisher.publish_streamed(event, index, failed)
+            except SidecarError as error:
+                outcome = error
+            finally:
+                window.release()
+            await replies.put(sidecar_pb2.PublishStreamResponse(tag=tag, result=_result(outcome)))
+
+        try:
+            with self._tracked():
+                index = 0
+                async for request in requests:
+                    await window.acquire()  # back-pressure: stop reading when full
+                    index += 1
+                    try:
+                        event = event_from_request(request.event)
+                    except SidecarError as error:
+                        window.release()
+                        key = (request.event.entity_type, request.event.entity_id)
+                        failed.setdefault(self._publisher.lock_key_of(*key), (index, error))
+                        await replies.put(
+                            sidecar_pb2.PublishStreamResponse(
+                                tag=request.tag, result=_result(error)
+                            )
+                        )
+                        continue
+                    task = asyncio.create_task(publish(index, request.tag, event))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+        finally:
+            await replies.put(None)
 
     async def AcquireLease(
         self,

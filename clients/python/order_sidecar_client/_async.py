@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 
 import grpc
@@ -22,7 +22,22 @@ from ._types import (
     batch_results,
     finish_results,
     pending_indexes,
+    stream_result,
 )
+
+
+async def _tagged(
+    events: AsyncIterable[Event] | Iterable[Event],
+) -> AsyncIterator[tuple[str, Event]]:
+    number = 0
+    if isinstance(events, AsyncIterable):
+        async for event in events:
+            number += 1
+            yield str(number), event
+    else:
+        for event in events:
+            number += 1
+            yield str(number), event
 
 
 class AsyncSidecarClient:
@@ -115,6 +130,28 @@ class AsyncSidecarClient:
             if attempt < self.retry.attempts and pending_indexes(events, results):
                 await asyncio.sleep(self.retry.backoff(attempt))
         return finish_results(events, results)
+
+    async def publish_stream(
+        self, events: AsyncIterable[Event] | Iterable[Event]
+    ) -> AsyncIterator[tuple[Event, BatchResult]]:
+        """Publish events over one PublishStream; yield (event, result) as each completes.
+
+        Events are read from *events* only as fast as the sidecar takes them. Failed events
+        are not retried here: after a failure the stream refuses that entity's later events,
+        so send the failed ones again, in order (their keys make that safe).
+        """
+        sent: dict[str, Event] = {}
+
+        async def requests() -> AsyncIterator[sidecar_pb2.PublishStreamRequest]:
+            async for tag, event in _tagged(events):
+                sent[tag] = event
+                yield sidecar_pb2.PublishStreamRequest(tag=tag, event=event.to_request())
+
+        try:
+            async for response in self._stub.PublishStream(requests()):
+                yield sent.pop(response.tag), stream_result(response)
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
 
     async def close(self) -> None:
         """Close the channel."""

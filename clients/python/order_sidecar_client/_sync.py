@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -22,6 +22,7 @@ from ._types import (
     batch_results,
     finish_results,
     pending_indexes,
+    stream_result,
 )
 
 
@@ -112,6 +113,25 @@ class SidecarClient:
             if attempt < self.retry.attempts and pending_indexes(events, results):
                 time.sleep(self.retry.backoff(attempt))
         return finish_results(events, results)
+
+    def publish_stream(self, events: Iterable[Event]) -> Iterator[tuple[Event, BatchResult]]:
+        """Publish events over one PublishStream; yield (event, result) as each completes.
+
+        Failed events are not retried here: after a failure the stream refuses that
+        entity's later events, so send the failed ones again, in order.
+        """
+        sent: dict[str, Event] = {}
+
+        def requests() -> Iterator[sidecar_pb2.PublishStreamRequest]:
+            for number, event in enumerate(events, start=1):
+                sent[str(number)] = event
+                yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=event.to_request())
+
+        try:
+            for response in self._stub.PublishStream(requests()):
+                yield sent.pop(response.tag), stream_result(response)
+        except grpc.RpcError as rpc_error:
+            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
 
     def close(self) -> None:
         """Close the channel."""

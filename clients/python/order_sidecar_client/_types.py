@@ -194,6 +194,14 @@ def batch_results(response: sidecar_pb2.PublishBatchResponse, count: int) -> lis
     ]
 
 
+def stream_result(response: sidecar_pb2.PublishStreamResponse) -> BatchResult:
+    """One PublishStream result."""
+    result = response.result
+    if result.code == 0:
+        return Published.from_response(result.response)
+    return SidecarError.from_result(result)
+
+
 def pending_indexes(events: Sequence[Event], results: list[BatchResult | None]) -> list[int]:
     """Events still to send: never answered, or answered with a retryable error, and not
     behind an event of the same entity that failed for good (that would skip it)."""

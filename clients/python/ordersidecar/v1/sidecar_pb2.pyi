@@ -252,6 +252,53 @@ class PublishBatchResponse(_message.Message):
 Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
 
 @_typing.final
+class PublishStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """Any string; echoed in the event's response."""
+    @_builtins.property
+    def event(self) -> Global___PublishRequest: ...
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        event: Global___PublishRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishStreamRequest: _TypeAlias = PublishStreamRequest  # noqa: Y015
+
+@_typing.final
+class PublishStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    @_builtins.property
+    def result(self) -> Global___PublishResult: ...
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        result: Global___PublishResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishStreamResponse: _TypeAlias = PublishStreamResponse  # noqa: Y015
+
+@_typing.final
 class AcquireLeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class SidecarStub:
                 request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.SerializeToString,
                 response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
+        self.PublishStream = channel.stream_stream(
+                '/ordersidecar.v1.Sidecar/PublishStream',
+                request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.SerializeToString,
+                response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.FromString,
+                _registered_method=True)
         self.AcquireLease = channel.unary_unary(
                 '/ordersidecar.v1.Sidecar/AcquireLease',
                 request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.AcquireLeaseRequest.SerializeToString,
@@ -80,6 +85,18 @@ class SidecarServicer:
         """Publish many events in one call. Each entity's events are published in
         the order given; different entities may be published concurrently. One
         result per event, in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishStream(self, request_iterator, context):
+        """Publish a stream of events, each tagged by the caller; results come back tagged,
+        as each event completes. Each entity's events are published in the order they
+        arrive; different entities are in flight together, up to --stream-window events
+        (reading pauses beyond that: back-pressure). Once an event fails, this stream
+        refuses its entity's later events (ABORTED when a retry may pass, else
+        FAILED_PRECONDITION): send them again, in order, with the same keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +141,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.PublishBatch,
                     request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.FromString,
                     response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.FromString,
+                    response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.SerializeToString,
             ),
             'AcquireLease': grpc.unary_unary_rpc_method_handler(
                     servicer.AcquireLease,
@@ -195,6 +217,33 @@ class Sidecar:
             '/ordersidecar.v1.Sidecar/PublishBatch',
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchRequest.SerializeToString,
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ordersidecar.v1.Sidecar/PublishStream',
+            ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.SerializeToString,
+            ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,14 @@ class SidecarStub:
     the order given; different entities may be published concurrently. One
     result per event, in request order.
     """
+    PublishStream: _grpc.StreamStreamMultiCallable[_sidecar_pb2.PublishStreamRequest, _sidecar_pb2.PublishStreamResponse]
+    """Publish a stream of events, each tagged by the caller; results come back tagged,
+    as each event completes. Each entity's events are published in the order they
+    arrive; different entities are in flight together, up to --stream-window events
+    (reading pauses beyond that: back-pressure). Once an event fails, this stream
+    refuses its entity's later events (ABORTED when a retry may pass, else
+    FAILED_PRECONDITION): send them again, in order, with the same keys.
+    """
     AcquireLease: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]
     """Take an entity's lock for the caller, e.g. across a database transaction, so
     that the stream follows the caller's commit order. Waits up to wait_timeout
@@ -80,6 +88,14 @@ class SidecarAsyncStub(SidecarStub):
     """Publish many events in one call. Each entity's events are published in
     the order given; different entities may be published concurrently. One
     result per event, in request order.
+    """
+    PublishStream: _aio.StreamStreamMultiCallable[_sidecar_pb2.PublishStreamRequest, _sidecar_pb2.PublishStreamResponse]  # type: ignore[assignment]
+    """Publish a stream of events, each tagged by the caller; results come back tagged,
+    as each event completes. Each entity's events are published in the order they
+    arrive; different entities are in flight together, up to --stream-window events
+    (reading pauses beyond that: back-pressure). Once an event fails, this stream
+    refuses its entity's later events (ABORTED when a retry may pass, else
+    FAILED_PRECONDITION): send them again, in order, with the same keys.
     """
     AcquireLease: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]  # type: ignore[assignment]
     """Take an entity's lock for the caller, e.g. across a database transaction, so
@@ -120,6 +136,20 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         """Publish many events in one call. Each entity's events are published in
         the order given; different entities may be published concurrently. One
         result per event, in request order.
+        """
+
+    @_abc_1.abstractmethod
+    def PublishStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sidecar_pb2.PublishStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sidecar_pb2.PublishStreamResponse], _abc.AsyncIterator[_sidecar_pb2.PublishStreamResponse]]:
+        """Publish a stream of events, each tagged by the caller; results come back tagged,
+        as each event completes. Each entity's events are published in the order they
+        arrive; different entities are in flight together, up to --stream-window events
+        (reading pauses beyond that: back-pressure). Once an event fails, this stream
+        refuses its entity's later events (ABORTED when a retry may pass, else
+        FAILED_PRECONDITION): send them again, in order, with the same keys.
         """
 
     @_abc_1.abstractmethod

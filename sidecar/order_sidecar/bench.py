@@ -194,10 +194,15 @@ async def _stream_mode(
             yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=request)
 
     started = time.perf_counter()
-    async for response in stub.PublishStream(requests()):
-        latencies.append(time.perf_counter() - sent_at.pop(response.tag))
-        if response.result.code != 0:
-            failures.append(response.result.message)
+    answered = 0
+    try:
+        async for response in stub.PublishStream(requests()):
+            answered += 1
+            latencies.append(time.perf_counter() - sent_at.pop(response.tag))
+            if response.result.code != 0:
+                failures.append(response.result.message)
+    except grpc.aio.AioRpcError as error:
+        failures.extend([f"{error.code().name}: {error.details()}"] * (config.events - answered))
     seconds = time.perf_counter() - started
     return _row("PublishStream", config.events, failures, seconds, latencies)
 

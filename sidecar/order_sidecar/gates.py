@@ -127,7 +127,13 @@ class EntityGates:
     async def _renew(self, gate: EntityGate, lease: Lease) -> None:
         while True:
             await asyncio.sleep(lease.ttl / 3)
-            if not await self._backend.renew(lease):
+            try:
+                renewed = await self._backend.renew(lease)
+            except LockBackendUnavailable as error:
+                # It may still hold; if not, the broker's fencing check keeps order.
+                log.warning("could not renew the lock of %s: %s", gate.key, error)
+                continue
+            if not renewed:
                 gate.lease_lost = True
                 log.warning("lost the lock of %s; it will be re-taken and re-read", gate.key)
                 return

@@ -115,6 +115,8 @@ class LeaseRegistry:
         """Extend a live lease by its TTL."""
         lease = self.get(lease_id)
         renewed_at = time.monotonic()
+        # LockBackendUnavailable passes through as UNAVAILABLE: the lease may still hold,
+        # and the caller's renewer tries again.
         if not await self._backend.renew(lease.lock):
             lease.lost = "its lock could not be renewed (expired or taken over)"
             raise LeaseLost(f"lease {lease_id} was lost: {lease.lost}; {_REDO}")

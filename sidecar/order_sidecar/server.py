@@ -227,7 +227,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
 
         async def run(indexes: list[int], events: list[Event]) -> None:
             async with limit:
-                results = await self._publisher.publish_in_order(events, budget)
+                try:
+                    results = await self._publisher.publish_in_order(events, budget)
+                except Exception as error:  # the other groups go on; this one reports it
+                    log.exception("unexpected error in a batch", exc_info=error)
+                    results = [SidecarError(f"internal error: {error!r}")] * len(events)
             for index, result in zip(indexes, results, strict=True):
                 outcomes[index] = result
 

@@ -234,3 +234,16 @@ async def _until(condition: Callable[[], Awaitable[bool]], within: float) -> Non
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+async def test_renewal_without_a_majority_is_unknown_not_lost(
+    backend: BackendUnderTest, clients: list[LockBackend]
+) -> None:
+    """A backend that cannot answer says so; 'not renewed' means the lock is gone."""
+    lease = await clients[0].acquire("k-unknown", 10.0, 0.0)
+    assert lease is not None
+    majority = len(backend.servers) // 2 + 1
+    for server in backend.servers[:majority]:
+        server.kill()
+    with pytest.raises(LockBackendUnavailable):
+        await clients[0].renew(lease)

@@ -42,7 +42,11 @@ class LockBackend(Protocol):
         ...
 
     async def renew(self, lease: Lease) -> bool:
-        """Extend *lease* by its ttl. ``False``: it is no longer ours (or unknown)."""
+        """Extend *lease* by its ttl. ``False``: it is no longer ours.
+
+        Raises ``LockBackendUnavailable`` when the backend cannot tell (the lease may
+        still hold; try again before its TTL runs out).
+        """
         ...
 
     async def release(self, lease: Lease) -> None:

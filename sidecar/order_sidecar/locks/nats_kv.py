@@ -128,8 +128,12 @@ class NatsKvLockBackend:
                 headers={EXPECTED_LAST: str(revision)},
                 msg_ttl=self._msg_ttl(lease.ttl),
             )
-        except (nats.js.errors.APIError, *_UNREACHABLE):
-            return False
+        except nats.js.errors.APIError:
+            return False  # the key moved on (or is gone): not ours any more
+        except _UNREACHABLE as error:
+            raise LockBackendUnavailable(
+                f"cannot renew {lease.key}: NATS KV unreachable ({type(error).__name__})"
+            ) from error
         lease.handle = (int(ack.seq), token)
         return True
 

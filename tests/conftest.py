@@ -57,6 +57,7 @@ def serve_config(
         stream=names["stream"],
         subject_prefix=names["subject_prefix"],
         listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
         lock_ttl=2.0,
         lock_wait=5.0,
     )

@@ -214,7 +214,8 @@ class SidecarProcess(ManagedProcess):
         return f"127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        flags = [f"--{key.replace('_', '-')}={value}" for key, value in self.options.items()]
+        options = {"metrics_listen": "127.0.0.1:0", **self.options}
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
         return [
             sys.executable,
             "-m",

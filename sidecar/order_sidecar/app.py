@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +25,7 @@ from .leases import LeaseRegistry
 from .locks.base import LockBackend
 from .locks.nats_kv import NatsKvLockBackend
 from .locks.redis import RedisLockBackend
+from .metrics import InstrumentedLocks, Metrics
 from .publisher import Publisher
 from .server import SidecarService
 from .stream import EventStream
@@ -32,7 +36,9 @@ STARTUP_CONNECT_ATTEMPTS = 3
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
 
 
-async def connect_nats(url: str, name: str) -> NatsClient:
+async def connect_nats(
+    url: str, name: str, on_reconnected: Callable[[], None] = lambda: None
+) -> NatsClient:
     """Connect to NATS, reconnecting forever once connected; Unavailable if it is not there."""
     client = NatsClient()
 
@@ -49,6 +55,7 @@ async def connect_nats(url: str, name: str) -> NatsClient:
 
     async def on_reconnect() -> None:
         log.info("NATS reconnected")
+        on_reconnected()
 
     try:
         await client.connect(
@@ -80,6 +87,10 @@ class SidecarApp:
         self._locks: LockBackend | None = None
         self._embedded: EmbeddedNats | None = None
         self._health = health_aio.HealthServicer()
+        self.metrics = Metrics()
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        self._watcher: asyncio.Task[None] | None = None
         self.publisher: Publisher | None = None
         self._service: SidecarService | None = None
         self.port = 0
@@ -97,10 +108,12 @@ class SidecarApp:
             data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
             self._embedded = EmbeddedNats(data_dir, cfg.nats_sync_interval)
             nats_url = await self._embedded.start()
-        self._nc = await connect_nats(nats_url, f"order-sidecar {cfg.producer_name}")
+        self._nc = await connect_nats(
+            nats_url, f"order-sidecar {cfg.producer_name}", self.metrics.nats_reconnects.inc
+        )
         stream = EventStream(self._nc, cfg)
         await stream.ensure_stream()
-        locks = self._locks = await self._open_locks(self._nc)
+        locks = self._locks = InstrumentedLocks(await self._open_locks(self._nc), self.metrics)
         policy = LockPolicy(cfg.lock_ttl, cfg.lock_wait, cfg.on_lock_unavailable == "reject")
         self.publisher = Publisher(
             stream,
@@ -108,6 +121,7 @@ class SidecarApp:
             LeaseRegistry(locks, stream, cfg.stream),
             cfg.stream,
             cfg.max_conflict_retries,
+            on_fenced=self.metrics.fencing_rejections.inc,
         )
         server = grpc.aio.server()
         self._service = SidecarService(
@@ -116,6 +130,7 @@ class SidecarApp:
             cfg.max_inflight_entities,
             cfg.lock_ttl,
             cfg.stream_window,
+            self.metrics,
         )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -135,8 +150,12 @@ class SidecarApp:
             raise Unavailable(f"cannot listen on {cfg.listen}: address in use or not local")
         await server.start()
         self._server = server
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
+        gates = self.publisher._gates
+        self.metrics.watch_queues(lambda: gates.busy_entities, lambda: gates.waiting)
+        if cfg.metrics_listen:
+            self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_listen)
+        self._watcher = asyncio.create_task(self._watch_backends())
         log.info(
             "order-sidecar %s listening on %s; stream %s on %s; locks: %s",
             cfg.producer_name,
@@ -159,8 +178,40 @@ class SidecarApp:
             return "redis " + ",".join(self.config.redis_url)
         return f"nats-kv bucket {self.config.lock_bucket}"
 
+    async def _watch_backends(self) -> None:
+        """Tell health checks and metrics whether NATS and the lock backend answer.
+
+        NOT_SERVING while NATS is unreachable, or the lock backend is and the sidecar
+        would refuse publishes without it (--on-lock-unavailable reject).
+        """
+        assert self._nc is not None and self._locks is not None
+        reject = self.config.on_lock_unavailable == "reject"
+        while True:
+            nats_up = self._nc.is_connected
+            try:
+                locks_up = await asyncio.wait_for(self._locks.healthy(), 2.0)
+            except (TimeoutError, OSError):
+                locks_up = False
+            self.metrics.backend_up.labels("nats").set(nats_up)
+            self.metrics.backend_up.labels(self._locks.name).set(locks_up)
+            await self._set_health(serving=nats_up and (locks_up or not reject))
+            await asyncio.sleep(self.config.health_interval)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
     async def stop(self) -> None:
         """Stop taking RPCs, finish those in flight, release locks, close connections."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self._health.enter_graceful_shutdown()
         if self._service is not None:
             left = await self._service.drain(self.config.shutdown_grace)
@@ -179,6 +230,9 @@ class SidecarApp:
                 await self._nc.close()
         if self._embedded is not None:
             self._embedded.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         log.info("order-sidecar stopped")
 
     async def run(self) -> None:

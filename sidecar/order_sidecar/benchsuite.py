@@ -176,6 +176,7 @@ async def start_sidecars(url: str, count: int, name: str) -> list[Child]:
                     f"--lock-bucket={name}_LOCKS",
                     f"--producer-id=bench-{n}",
                     "--log-level=WARNING",
+                    "--metrics-listen=",
                 ],
                 port,
             )

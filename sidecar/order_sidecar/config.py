@@ -92,6 +92,12 @@ class ServeConfig(NatsOptions):
     )
     shutdown_grace: float = option(10.0, "seconds SIGTERM waits for in-flight requests")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str = option(
+        "127.0.0.1:9464", "Prometheus /metrics address host:port ('' to turn it off)"
+    )
+    health_interval: float = option(
+        1.0, "seconds between checks of NATS and the lock backend for gRPC health"
+    )
 
     @property
     def chosen_lock_backend(self) -> str:
@@ -128,6 +134,11 @@ class ServeConfig(NatsOptions):
         check_range("stream_window", self.stream_window, 1, 100_000)
         check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
         check_range("kv_replicas", self.kv_replicas, 1, 5)
+        check_range("health_interval", self.health_interval, 0.1, 60.0)
+        if self.metrics_listen:
+            host, _, port = self.metrics_listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                _bad("metrics_listen", self.metrics_listen, "host:port, e.g. 127.0.0.1:9464")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.lock_bucket):
             _bad("lock_bucket", self.lock_bucket, "1-64 characters of [A-Za-z0-9_-]")
         if self.nats_sync_interval and not re.fullmatch(

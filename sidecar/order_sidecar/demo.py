@@ -136,6 +136,7 @@ async def sidecar_run(config: DemoConfig, url: str) -> RunResult:
         stream="DEMO_SIDECAR",
         subject_prefix="demo-sidecar",
         listen="127.0.0.1:0",
+        metrics_listen="",
         lock_bucket="DEMO_LOCKS",
     )
     apps = [SidecarApp(replace(base, producer_id=f"sidecar-{n}")) for n in range(config.sidecars)]

@@ -60,6 +60,11 @@ class EntityGates:
         """Entities with a request in flight or queued."""
         return len(self._gates)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued behind another of the same entity."""
+        return sum(gate.users for gate in self._gates.values()) - len(self._gates)
+
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[EntityGate]:
         """Hold *key*'s gate: requests of one entity pass one at a time, first come first."""

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import wire
@@ -56,7 +56,9 @@ class Publisher:
         leases: LeaseRegistry,
         stream_name: str,
         max_attempts: int,
+        on_fenced: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_fenced = on_fenced
         self.stream = stream
         self._gates = gates
         self.leases = leases
@@ -144,6 +146,7 @@ class Publisher:
             except FencingConflict:
                 gate.position, from_leader = None, True
                 self.stats.fenced += 1
+                self._on_fenced()
                 log.info("fenced: %s moved on under us (attempt %d)", subject, attempt + 1)
                 # Without a lock, rivals retry in lockstep; jitter breaks the tie.
                 await asyncio.sleep(random.uniform(0, _CONFLICT_BACKOFF * (attempt + 1)))
@@ -176,6 +179,7 @@ class Publisher:
                 stored = await self.stream.append(lease.subject, event, lease.position)
             except FencingConflict as error:
                 self.stats.fenced += 1
+                self._on_fenced()
                 lease.lost = "another producer published the entity (lock expired or taken over)"
                 raise LeaseLost(
                     f"lease {lease.lease_id} was lost: {lease.lost}; nothing was published: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -15,6 +16,7 @@ from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from .errors import EarlierEventFailed, InvalidEvent, ShuttingDown, SidecarError, grpc_status
 from .events import Event, event_from_request
 from .lease_rpcs import lease_reply, lease_terms
+from .metrics import Metrics, outcome_of
 from .publisher import Publisher
 from .stream import Stored
 
@@ -33,9 +35,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         max_batch: int,
         max_inflight_entities: int,
         default_lease_ttl: float,
-        stream_window: int = 256,
+        stream_window: int,
+        metrics: Metrics,
     ) -> None:
         self._publisher = publisher
+        self._metrics = metrics
         self._stream_window = stream_window
         self._default_lease_ttl = default_lease_ttl
         self._max_batch = max_batch
@@ -58,25 +62,35 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         if self._draining:
             raise ShuttingDown("sidecar is shutting down; retry (on another replica)")
         self._in_flight += 1
+        self._metrics.in_flight.inc()
         self._idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
+            self._metrics.in_flight.dec()
             if self._in_flight == 0:
                 self._idle.set()
 
     async def _answer(
         self,
+        rpc: str,
         context: grpc.aio.ServicerContext[Any, Any],
         work: Callable[[], Awaitable[ReplyT]],
     ) -> ReplyT:
-        """Run *work* as one tracked RPC; any error becomes the RPC's status, here only."""
+        """Run *work* as one tracked, timed RPC; any error becomes the RPC's status, here only."""
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             with self._tracked():
                 return await work()
         except Exception as error:
+            outcome = outcome_of(error)
+            if rpc == "Publish":
+                self._metrics.publish_results.labels(outcome).inc()
             await _abort(context, error)
+        finally:
+            self._metrics.rpc_seconds.labels(rpc, outcome).observe(time.perf_counter() - started)
 
     async def Publish(
         self,
@@ -87,9 +101,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
 
         async def work() -> sidecar_pb2.PublishResponse:
             event = event_from_request(request)
-            return _response(await self._publisher.publish(event, context.time_remaining()))
+            stored = await self._publisher.publish(event, context.time_remaining())
+            self._metrics.count_result(stored)
+            return _response(stored)
 
-        return await self._answer(context, work)
+        return await self._answer("Publish", context, work)
 
     async def PublishBatch(
         self,
@@ -107,9 +123,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                     f"{self._max_batch} (--max-batch); split it"
                 )
             outcomes = await self._publish_batch(request, context.time_remaining())
+            for item in outcomes:
+                self._metrics.count_result(item)
             return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
 
-        return await self._answer(context, work)
+        return await self._answer("PublishBatch", context, work)
 
     async def PublishStream(
         self,
@@ -146,6 +164,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 outcome = error
             finally:
                 window.release()
+            self._metrics.count_result(outcome)
             await replies.put(sidecar_pb2.PublishStreamResponse(tag=tag, result=_result(outcome)))
 
         try:
@@ -158,6 +177,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                         event = event_from_request(request.event)
                     except SidecarError as error:
                         window.release()
+                        self._metrics.count_result(error)
                         key = (request.event.entity_type, request.event.entity_id)
                         failed.setdefault(self._publisher.lock_key_of(*key), (index, error))
                         await replies.put(
@@ -189,7 +209,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 )
             )
 
-        return await self._answer(context, work)
+        return await self._answer("AcquireLease", context, work)
 
     async def RenewLease(
         self,
@@ -201,7 +221,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         async def work() -> sidecar_pb2.Lease:
             return lease_reply(await self._publisher.leases.renew(request.lease_id))
 
-        return await self._answer(context, work)
+        return await self._answer("RenewLease", context, work)
 
     async def ReleaseLease(
         self,
@@ -216,7 +236,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             await self._publisher.leases.release(request.lease_id)
             return sidecar_pb2.ReleaseLeaseResponse()
 
-        return await self._answer(context, work)
+        return await self._answer("ReleaseLease", context, work)
 
     async def _publish_batch(
         self, request: sidecar_pb2.PublishBatchRequest, budget: float | None

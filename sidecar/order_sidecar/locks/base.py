@@ -53,6 +53,10 @@ class LockBackend(Protocol):
         """Give *lease* up. Never raises for a lease that already expired."""
         ...
 
+    async def healthy(self) -> bool:
+        """Whether the backend answers now (for health checks and metrics)."""
+        ...
+
     async def close(self) -> None:
         """Close connections."""
         ...

@@ -159,6 +159,14 @@ class NatsKvLockBackend:
         # its holder counts on (a shorter lock could let two holders overlap).
         return None if self.fixed_ttl else float(max(1, math.ceil(ttl)))
 
+    async def healthy(self) -> bool:
+        """Whether the bucket answers."""
+        try:
+            await self._kv.status()
+        except (nats.js.errors.APIError, *_UNREACHABLE):
+            return False
+        return True
+
     async def close(self) -> None:
         """Nothing to close: the sidecar owns the NATS connection."""
 

@@ -123,6 +123,13 @@ class RedisLockBackend:
         except (QuorumIsImpossible, RedisError, OSError) as error:
             log.warning("lock release failed for %s (it will expire): %s", lease.key, error)
 
+    async def healthy(self) -> bool:
+        """Whether a majority of masters answers PING."""
+        answers = await asyncio.gather(
+            *(master.ping() for master in self._masters), return_exceptions=True
+        )
+        return sum(1 for answer in answers if answer is True) > len(self._masters) // 2
+
     async def close(self) -> None:
         """Close every master's connection pool."""
         for master in self._masters:

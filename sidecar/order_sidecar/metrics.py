@@ -1,0 +1,209 @@
+"""Prometheus metrics: one registry per sidecar, served on ``--metrics-listen``.
+
+Names follow Prometheus conventions under one prefix, ``ordersidecar_``. No label carries
+an entity id (unbounded cardinality); entity types are not labels either.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import start_http_server as _serve
+
+from . import __version__
+from .errors import (
+    Contention,
+    EarlierEventFailed,
+    IdempotencyKeyReused,
+    InvalidEvent,
+    LeaseLost,
+    LockBackendUnavailable,
+    PreconditionFailed,
+    SidecarError,
+    Unavailable,
+)
+from .locks.base import Lease, LockBackend
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric of one sidecar."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.lock_acquire_seconds = Histogram(
+            "ordersidecar_lock_acquire_seconds",
+            "Time to take an entity lock.",
+            ["backend", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lock_contended = Counter(
+            "ordersidecar_lock_contended_total",
+            "Lock acquires that found the entity locked by someone else.",
+            ["backend"],
+            registry=registry,
+        )
+        self.locks_held = Gauge(
+            "ordersidecar_locks_held",
+            "Entity locks this sidecar holds now.",
+            ["backend"],
+            registry=registry,
+        )
+        self.lock_renewals = Counter(
+            "ordersidecar_lock_renewals_total",
+            "Lock renewals by outcome (ok, lost, unknown).",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self.locks_lost = Counter(
+            "ordersidecar_locks_lost_total",
+            "Locks found lost while held.",
+            ["backend"],
+            registry=registry,
+        )
+        self.fencing_rejections = Counter(
+            "ordersidecar_fencing_rejections_total",
+            "Publishes JetStream refused because the entity moved on (stale fencing token).",
+            registry=registry,
+        )
+        self.rpc_seconds = Histogram(
+            "ordersidecar_rpc_seconds",
+            "Time to answer an RPC, by RPC and outcome.",
+            ["rpc", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.publish_results = Counter(
+            "ordersidecar_publish_results_total",
+            "Published events by outcome (ok, duplicate, conflict, stale, invalid, "
+            "unavailable, error).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "ordersidecar_requests_in_flight", "RPCs being served now.", registry=registry
+        )
+        self.entities_busy = Gauge(
+            "ordersidecar_entities_busy",
+            "Entities with a publish in flight or queued.",
+            registry=registry,
+        )
+        self.entity_queue_waiting = Gauge(
+            "ordersidecar_entity_queue_waiting",
+            "Publishes waiting behind another of the same entity (all entities together).",
+            registry=registry,
+        )
+        self.backend_up = Gauge(
+            "ordersidecar_backend_up",
+            "1 while a backend answers, else 0.",
+            ["backend"],
+            registry=registry,
+        )
+        self.nats_reconnects = Counter(
+            "ordersidecar_nats_reconnects_total", "Reconnections to NATS.", registry=registry
+        )
+        self.lock_backend_errors = Counter(
+            "ordersidecar_lock_backend_errors_total",
+            "Lock backend calls that could not reach it (Redis or NATS KV).",
+            ["backend"],
+            registry=registry,
+        )
+        Info("ordersidecar_build", "Version of the sidecar.", registry=registry).info(
+            {"version": __version__}
+        )
+
+    def serve(self, listen: str) -> tuple[Any, int]:
+        """Serve /metrics on *listen* (host:port, port 0 for any); the server and its port."""
+        host, _, port = listen.rpartition(":")
+        server, _ = _serve(int(port), host, registry=self.registry)
+        return server, int(server.server_port)
+
+    def watch_queues(self, busy: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read queue gauges from the gates when scraped."""
+        self.entities_busy.set_function(busy)
+        self.entity_queue_waiting.set_function(waiting)
+
+    def count_result(self, result: object) -> str:
+        """Count one event's outcome; return its label."""
+        outcome = outcome_of(result)
+        self.publish_results.labels(outcome).inc()
+        return outcome
+
+
+def outcome_of(result: object) -> str:
+    """The outcome label of a publish result (a Stored or an error)."""
+    if isinstance(result, SidecarError):
+        if isinstance(result, InvalidEvent):
+            return "invalid"
+        if isinstance(result, PreconditionFailed):
+            return "stale"
+        if isinstance(result, Contention | EarlierEventFailed | LeaseLost | IdempotencyKeyReused):
+            return "conflict"
+        if isinstance(result, Unavailable):
+            return "unavailable"
+        return "error"
+    if isinstance(result, BaseException):
+        return "error"
+    return "duplicate" if getattr(result, "duplicate", False) else "ok"
+
+
+class InstrumentedLocks:
+    """A LockBackend that measures the backend it wraps."""
+
+    def __init__(self, backend: LockBackend, metrics: Metrics) -> None:
+        self._backend = backend
+        self._metrics = metrics
+        self.name = backend.name
+
+    async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
+        """Acquire, timed by outcome."""
+        started = time.perf_counter()
+        try:
+            lease = await self._backend.acquire(key, ttl, wait)
+        except LockBackendUnavailable:
+            self._observe(started, "unavailable")
+            self._metrics.lock_backend_errors.labels(self.name).inc()
+            raise
+        waited = time.perf_counter() - started
+        if lease is None or waited > 0.05:
+            self._metrics.lock_contended.labels(self.name).inc()
+        self._observe(started, "acquired" if lease else "timeout")
+        if lease is not None:
+            self._metrics.locks_held.labels(self.name).inc()
+        return lease
+
+    async def renew(self, lease: Lease) -> bool:
+        """Renew, counted by outcome."""
+        try:
+            renewed = await self._backend.renew(lease)
+        except LockBackendUnavailable:
+            self._metrics.lock_renewals.labels(self.name, "unknown").inc()
+            self._metrics.lock_backend_errors.labels(self.name).inc()
+            raise
+        self._metrics.lock_renewals.labels(self.name, "ok" if renewed else "lost").inc()
+        if not renewed:
+            self._metrics.locks_lost.labels(self.name).inc()
+        return renewed
+
+    async def release(self, lease: Lease) -> None:
+        """Release; the lock no longer counts as held."""
+        self._metrics.locks_held.labels(self.name).dec()
+        await self._backend.release(lease)
+
+    async def close(self) -> None:
+        """Close the wrapped backend."""
+        await self._backend.close()
+
+    async def healthy(self) -> bool:
+        """Whether the wrapped backend answers."""
+        return await self._backend.healthy()
+
+    def _observe(self, started: float, outcome: str) -> None:
+        self._metrics.lock_acquire_seconds.labels(self.name, outcome).observe(
+            time.perf_counter() - started
+        )

@@ -168,6 +168,8 @@ async def test_sidecar_that_lost_its_lock_is_fenced_then_recovers(
             )
         await redis.aclose()
         assert first.publisher.stats.fenced == 1
+        fenced = first.metrics.registry.get_sample_value("ordersidecar_fencing_rejections_total")
+        assert fenced == 1
         assert stored.sequence == 4
         messages = await stream_messages(nc, serve_config.stream)
         assert [m.headers["Entity-Sequence"] for m in messages] == ["1", "2", "3", "4"]

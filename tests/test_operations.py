@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,10 +18,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from order_sidecar.app import SidecarApp
 from order_sidecar.config import ServeConfig
-from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarError
+from order_sidecar_client import (
+    AsyncSidecarClient,
+    Event,
+    RetryPolicy,
+    SidecarClient,
+    SidecarError,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from .servers import ManagedProcess, NatsServer, free_port
+from .servers import ManagedProcess, NatsServer, RedisServer, SidecarProcess, free_port
+from .test_e2e import sidecar_options
 
 QUICK = RetryPolicy(attempts=1, attempt_timeout=10.0)
 
@@ -200,3 +208,32 @@ async def test_health_follows_nats(serve_config: ServeConfig, tmp_path: Path) ->
     finally:
         await app.stop()
         nats_server.kill()
+
+
+def test_json_logs_have_one_line_per_failure_without_payloads(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+) -> None:
+    sidecar = sidecars(
+        "json-logs", log_format="json", **sidecar_options(nats_server, redis_server, names)
+    )
+    secret = b"SECRET-PAYLOAD-123"
+    with SidecarClient(sidecar.target, retry=QUICK) as client:
+        client.publish(Event("patient", "p1", "create", secret, entity_version=5))
+        for bad in (
+            Event("patient", "p1", "update", secret, headers={"Nats-X": "1"}),
+            Event("patient", "p1", "update", secret, entity_version=4),
+        ):
+            with pytest.raises(SidecarError):
+                client.publish(bad)
+    assert sidecar.terminate() == 0
+    lines = [json.loads(line) for line in sidecar.log_path.read_text().splitlines() if line]
+    failures = [line for line in lines if line.get("rpc") == "Publish"]
+    assert [(f["code"], f["reason"]) for f in failures] == [
+        ("INVALID_ARGUMENT", "InvalidEvent"),
+        ("FAILED_PRECONDITION", "PreconditionFailed"),
+    ]
+    assert all(f["entity_type"] == "patient" and f["duration_ms"] >= 0 for f in failures)
+    assert secret.decode() not in sidecar.log_path.read_text()

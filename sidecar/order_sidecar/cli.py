@@ -16,6 +16,7 @@ from .benchsuite import format_suite, run_suite, write_suite_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .demo import DemoConfig, run_demo
 from .errors import SidecarError
+from .logs import setup_logging
 from .verify import format_json, format_table, verify_stream
 
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             serve_config = from_sources(ServeConfig, args, os.environ)
-            _setup_logging(serve_config.log_level)
+            setup_logging(serve_config.log_level, serve_config.log_format)
             asyncio.run(SidecarApp(serve_config).run())
             return 0
         if args.command == "demo":
@@ -108,13 +109,6 @@ async def _verify(config: VerifyConfig) -> int:
         await nc.close()
     print(format_json(reports) if config.json else format_table(reports))
     return 1 if any(report.violations for report in reports.values()) else 0
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 if __name__ == "__main__":

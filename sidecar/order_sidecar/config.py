@@ -92,6 +92,7 @@ class ServeConfig(NatsOptions):
     )
     shutdown_grace: float = option(10.0, "seconds SIGTERM waits for in-flight requests")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = option("text", "text or json (one object per line)")
     metrics_listen: str = option(
         "127.0.0.1:9464", "Prometheus /metrics address host:port ('' to turn it off)"
     )
@@ -145,6 +146,8 @@ class ServeConfig(NatsOptions):
             r"always|\d+(ms|s|m|h)", self.nats_sync_interval
         ):
             _bad("nats_sync_interval", self.nats_sync_interval, "'always' or a duration like 10s")
+        if self.log_format not in ("text", "json"):
+            _bad("log_format", self.log_format, "text or json")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             _bad("log_level", self.log_level, "DEBUG, INFO, WARNING or ERROR")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import Contention, LockBackendUnavailable
 from .locks.base import Lease, LockBackend
+from .logs import entity_type_of
 from .stream import EntityPosition
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,15 @@ class EntityGates:
                 renewed = await self._backend.renew(lease)
             except LockBackendUnavailable as error:
                 # It may still hold; if not, the broker's fencing check keeps order.
-                log.warning("could not renew the lock of %s: %s", gate.key, error)
+                log.warning(
+                    "could not renew a lock: %s",
+                    error,
+                    extra={"entity_type": entity_type_of(gate.key)},
+                )
                 continue
             if not renewed:
                 gate.lease_lost = True
-                log.warning("lost the lock of %s; it will be re-taken and re-read", gate.key)
+                log.info("a lock was lost; it will be re-taken and the entity re-read")
                 return
 
     async def _let_go(self, gate: EntityGate) -> None:

@@ -6,6 +6,7 @@ an entity id (unbounded cardinality); entity types are not labels either.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,9 @@ from .errors import (
     Unavailable,
 )
 from .locks.base import Lease, LockBackend
+from .logs import entity_type_of
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -168,11 +172,14 @@ class InstrumentedLocks:
         except LockBackendUnavailable:
             self._observe(started, "unavailable")
             self._metrics.lock_backend_errors.labels(self.name).inc()
+            self._log(logging.WARNING, "lock backend unreachable", key, "unavailable", started)
             raise
         waited = time.perf_counter() - started
         if lease is None or waited > 0.05:
             self._metrics.lock_contended.labels(self.name).inc()
         self._observe(started, "acquired" if lease else "timeout")
+        if lease is None:
+            self._log(logging.INFO, "lock wait timed out", key, "timeout", started)
         if lease is not None:
             self._metrics.locks_held.labels(self.name).inc()
         return lease
@@ -188,6 +195,7 @@ class InstrumentedLocks:
         self._metrics.lock_renewals.labels(self.name, "ok" if renewed else "lost").inc()
         if not renewed:
             self._metrics.locks_lost.labels(self.name).inc()
+            self._log(logging.WARNING, "lock lost while held", lease.key, "lost", None)
         return renewed
 
     async def release(self, lease: Lease) -> None:
@@ -202,6 +210,12 @@ class InstrumentedLocks:
     async def healthy(self) -> bool:
         """Whether the wrapped backend answers."""
         return await self._backend.healthy()
+
+    def _log(self, level: int, message: str, key: str, reason: str, started: float | None) -> None:
+        fields = {"backend": self.name, "entity_type": entity_type_of(key), "reason": reason}
+        if started is not None:
+            fields["duration_ms"] = str(round((time.perf_counter() - started) * 1000, 2))
+        log.log(level, message, extra=fields)
 
     def _observe(self, started: float, outcome: str) -> None:
         self._metrics.lock_acquire_seconds.labels(self.name, outcome).observe(

@@ -147,7 +147,11 @@ class Publisher:
                 gate.position, from_leader = None, True
                 self.stats.fenced += 1
                 self._on_fenced()
-                log.info("fenced: %s moved on under us (attempt %d)", subject, attempt + 1)
+                log.info(
+                    "fenced: the entity moved on under us (attempt %d)",
+                    attempt + 1,
+                    extra={"entity_type": event.entity_type, "reason": "fenced"},
+                )
                 # Without a lock, rivals retry in lockstep; jitter breaks the tie.
                 await asyncio.sleep(random.uniform(0, _CONFLICT_BACKOFF * (attempt + 1)))
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -77,6 +78,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         rpc: str,
         context: grpc.aio.ServicerContext[Any, Any],
         work: Callable[[], Awaitable[ReplyT]],
+        entity_type: str = "",
     ) -> ReplyT:
         """Run *work* as one tracked, timed RPC; any error becomes the RPC's status, here only."""
         started = time.perf_counter()
@@ -88,6 +90,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             outcome = outcome_of(error)
             if rpc == "Publish":
                 self._metrics.publish_results.labels(outcome).inc()
+            _log_failure(rpc, error, entity_type, started)
             await _abort(context, error)
         finally:
             self._metrics.rpc_seconds.labels(rpc, outcome).observe(time.perf_counter() - started)
@@ -105,7 +108,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             self._metrics.count_result(stored)
             return _response(stored)
 
-        return await self._answer("Publish", context, work)
+        return await self._answer("Publish", context, work, request.entity_type)
 
     async def PublishBatch(
         self,
@@ -122,9 +125,12 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                     f"batch of {len(request.events)} events is over the limit of "
                     f"{self._max_batch} (--max-batch); split it"
                 )
+            started = time.perf_counter()
             outcomes = await self._publish_batch(request, context.time_remaining())
-            for item in outcomes:
+            for event, item in zip(request.events, outcomes, strict=True):
                 self._metrics.count_result(item)
+                if isinstance(item, SidecarError):
+                    _log_failure("PublishBatch", item, event.entity_type, started)
             return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
 
         return await self._answer("PublishBatch", context, work)
@@ -158,10 +164,12 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def publish(index: int, tag: str, event: Event) -> None:
+            started = time.perf_counter()
             try:
                 outcome: BatchOutcome = await self._publisher.publish_streamed(event, index, failed)
             except SidecarError as error:
                 outcome = error
+                _log_failure("PublishStream", error, event.entity_type, started)
             finally:
                 window.release()
             self._metrics.count_result(outcome)
@@ -209,7 +217,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 )
             )
 
-        return await self._answer("AcquireLease", context, work)
+        return await self._answer("AcquireLease", context, work, request.entity_type)
 
     async def RenewLease(
         self,
@@ -312,11 +320,26 @@ def _result(outcome: BatchOutcome) -> sidecar_pb2.PublishResult:
     return sidecar_pb2.PublishResult(code=code.value[0], message=message)
 
 
+_TYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _log_failure(rpc: str, error: BaseException, entity_type: str, started: float) -> None:
+    """One line per failed publish or lease call: what, why, how long; never the payload."""
+    code, message = grpc_status(error)
+    fields = {
+        "rpc": rpc,
+        "code": code.name,
+        "entity_type": entity_type if _TYPE.fullmatch(entity_type) else "(invalid)",
+        "reason": type(error).__name__,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if isinstance(error, SidecarError):
+        log.info("%s failed: %s", rpc, message, extra=fields)
+    else:
+        log.error("%s failed unexpectedly", rpc, exc_info=error, extra=fields)
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
     code, message = grpc_status(error)
-    if isinstance(error, SidecarError):
-        log.info("rpc failed: %s: %s", code.name, message)
-    else:
-        log.exception("unexpected error", exc_info=error)
     await context.abort(code, message)
     raise AssertionError("context.abort returned")

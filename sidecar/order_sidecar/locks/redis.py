@@ -121,7 +121,7 @@ class RedisLockBackend:
         except ReleaseUnlockedLock:
             pass
         except (QuorumIsImpossible, RedisError, OSError) as error:
-            log.warning("lock release failed for %s (it will expire): %s", lease.key, error)
+            log.warning("lock release failed (it will expire): %s", type(error).__name__)
 
     async def healthy(self) -> bool:
         """Whether a majority of masters answers PING."""

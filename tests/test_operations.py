@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -237,3 +238,38 @@ def test_json_logs_have_one_line_per_failure_without_payloads(
     ]
     assert all(f["entity_type"] == "patient" and f["duration_ms"] >= 0 for f in failures)
     assert secret.decode() not in sidecar.log_path.read_text()
+
+
+def test_status_command_shows_state_and_last_errors(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+) -> None:
+    sidecar = sidecars("status", **sidecar_options(nats_server, redis_server, names))
+    with SidecarClient(sidecar.target, retry=QUICK) as client:
+        client.publish(Event("patient", "s1", "create", b"PAYLOAD-NOT-SHOWN"))
+        with pytest.raises(SidecarError):
+            client.publish(Event("patient", "s1", "update", headers={"Entity-X": "1"}))
+    command = [sys.executable, "-m", "order_sidecar.cli", "status", f"--target={sidecar.target}"]
+    table = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "producer                 status" in table
+    assert "nats                     connected" in table
+    assert "lock backend             redis (up)" in table
+    assert "published                1" in table
+    assert "Publish INVALID_ARGUMENT patient: header 'Entity-X' is reserved" in table
+    assert "PAYLOAD-NOT-SHOWN" not in table
+    as_json = json.loads(
+        subprocess.run(
+            [*command, "--json"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    )
+    assert as_json["published"] == "1" and as_json["last_errors"][0]["code"] == "INVALID_ARGUMENT"
+    down = subprocess.run(
+        [sys.executable, "-m", "order_sidecar.cli", "status", "--target=127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert down.returncode == 2 and "did not answer" in down.stderr

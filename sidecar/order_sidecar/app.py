@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NatsClient
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
+from . import __version__
 from .config import ServeConfig
 from .embedded import EmbeddedNats, default_data_dir
 from .errors import Unavailable
@@ -91,6 +93,8 @@ class SidecarApp:
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._watcher: asyncio.Task[None] | None = None
+        self._started_at = time.monotonic()
+        self._locks_up = True
         self.publisher: Publisher | None = None
         self._service: SidecarService | None = None
         self.port = 0
@@ -131,6 +135,7 @@ class SidecarApp:
             cfg.lock_ttl,
             cfg.stream_window,
             self.metrics,
+            self._status,
         )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -178,6 +183,31 @@ class SidecarApp:
             return "redis " + ",".join(self.config.redis_url)
         return f"nats-kv bucket {self.config.lock_bucket}"
 
+    def _status(self) -> sidecar_pb2.SidecarStatus:
+        cfg = self.config
+        publisher = self.publisher
+        assert publisher is not None and self._locks is not None
+        gates = publisher._gates
+        held = self.metrics.registry.get_sample_value(
+            "ordersidecar_locks_held", {"backend": self._locks.name}
+        )
+        return sidecar_pb2.SidecarStatus(
+            producer_id=cfg.producer_name,
+            version=__version__,
+            uptime_seconds=time.monotonic() - self._started_at,
+            stream=cfg.stream,
+            nats_connected=bool(self._nc and self._nc.is_connected),
+            lock_backend=self._locks.name,
+            lock_backend_up=self._locks_up,
+            locks_held=int(held or 0),
+            entities_busy=gates.busy_entities,
+            queue_waiting=gates.waiting,
+            published=publisher.stats.published,
+            duplicates=publisher.stats.duplicates,
+            fenced=publisher.stats.fenced,
+            leases=publisher.leases.count,
+        )
+
     async def _watch_backends(self) -> None:
         """Tell health checks and metrics whether NATS and the lock backend answer.
 
@@ -194,6 +224,7 @@ class SidecarApp:
                 locks_up = False
             self.metrics.backend_up.labels("nats").set(nats_up)
             self.metrics.backend_up.labels(self._locks.name).set(locks_up)
+            self._locks_up = locks_up
             await self._set_health(serving=nats_up and (locks_up or not reject))
             await asyncio.sleep(self.config.health_interval)
 

@@ -17,6 +17,7 @@ from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .demo import DemoConfig, run_demo
 from .errors import SidecarError
 from .logs import setup_logging
+from .status import StatusConfig, fetch_status, format_status
 from .verify import format_json, format_table, verify_stream
 
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "inversions per run. Needs no other service.",
     )
     add_arguments(demo, DemoConfig)
+    status = commands.add_parser(
+        "status",
+        help="print a running sidecar's state: backends, locks, queues, last errors",
+        description="Ask a running sidecar (GetStatus) and print its state.",
+    )
+    add_arguments(status, StatusConfig)
     return parser
 
 
@@ -69,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_config = from_sources(ServeConfig, args, os.environ)
             setup_logging(serve_config.log_level, serve_config.log_format)
             asyncio.run(SidecarApp(serve_config).run())
+            return 0
+        if args.command == "status":
+            status_config = from_sources(StatusConfig, args, os.environ)
+            reply = asyncio.run(fetch_status(status_config.target))
+            print(format_status(reply, status_config.json))
             return 0
         if args.command == "demo":
             demo_config = from_sources(DemoConfig, args, os.environ)

@@ -100,6 +100,11 @@ class LeaseRegistry:
         self._leases[lease.lease_id] = lease
         return lease
 
+    @property
+    def count(self) -> int:
+        """Leases held now (expired ones are dropped lazily)."""
+        return len(self._leases)
+
     def get(self, lease_id: str) -> CallerLease:
         """The live lease *lease_id*; LeaseLost if it is unknown, expired or lost."""
         lease = self._leases.get(lease_id)

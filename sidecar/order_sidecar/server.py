@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -38,7 +39,12 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         default_lease_ttl: float,
         stream_window: int,
         metrics: Metrics,
+        describe: Callable[[], sidecar_pb2.SidecarStatus] = sidecar_pb2.SidecarStatus,
     ) -> None:
+        self._describe = describe
+        self._recent_errors: collections.deque[sidecar_pb2.RecentError] = collections.deque(
+            maxlen=RECENT_ERRORS
+        )
         self._publisher = publisher
         self._metrics = metrics
         self._stream_window = stream_window
@@ -90,7 +96,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             outcome = outcome_of(error)
             if rpc == "Publish":
                 self._metrics.publish_results.labels(outcome).inc()
-            _log_failure(rpc, error, entity_type, started)
+            self._failed(rpc, error, entity_type, started)
             await _abort(context, error)
         finally:
             self._metrics.rpc_seconds.labels(rpc, outcome).observe(time.perf_counter() - started)
@@ -130,7 +136,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             for event, item in zip(request.events, outcomes, strict=True):
                 self._metrics.count_result(item)
                 if isinstance(item, SidecarError):
-                    _log_failure("PublishBatch", item, event.entity_type, started)
+                    self._failed("PublishBatch", item, event.entity_type, started)
             return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
 
         return await self._answer("PublishBatch", context, work)
@@ -169,7 +175,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 outcome: BatchOutcome = await self._publisher.publish_streamed(event, index, failed)
             except SidecarError as error:
                 outcome = error
-                _log_failure("PublishStream", error, event.entity_type, started)
+                self._failed("PublishStream", error, event.entity_type, started)
             finally:
                 window.release()
             self._metrics.count_result(outcome)
@@ -200,6 +206,27 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 await asyncio.gather(*running)
         finally:
             await replies.put(None)
+
+    async def GetStatus(
+        self,
+        request: sidecar_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[sidecar_pb2.GetStatusRequest, sidecar_pb2.SidecarStatus],
+    ) -> sidecar_pb2.SidecarStatus:
+        """The sidecar's state for operators."""
+        status = self._describe()
+        status.requests_in_flight = self._in_flight
+        status.last_errors.extend(reversed(self._recent_errors))
+        return status
+
+    def _failed(self, rpc: str, error: BaseException, entity_type: str, started: float) -> None:
+        safe_type = entity_type if _TYPE.fullmatch(entity_type) else "(invalid)"
+        _log_failure(rpc, error, safe_type, started)
+        code, message = grpc_status(error)
+        recent = sidecar_pb2.RecentError(
+            rpc=rpc, code=code.name, entity_type=safe_type, message=message
+        )
+        recent.at.GetCurrentTime()
+        self._recent_errors.append(recent)
 
     async def AcquireLease(
         self,
@@ -321,6 +348,7 @@ def _result(outcome: BatchOutcome) -> sidecar_pb2.PublishResult:
 
 
 _TYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RECENT_ERRORS = 10
 
 
 def _log_failure(rpc: str, error: BaseException, entity_type: str, started: float) -> None:
@@ -329,7 +357,7 @@ def _log_failure(rpc: str, error: BaseException, entity_type: str, started: floa
     fields = {
         "rpc": rpc,
         "code": code.name,
-        "entity_type": entity_type if _TYPE.fullmatch(entity_type) else "(invalid)",
+        "entity_type": entity_type,
         "reason": type(error).__name__,
         "duration_ms": round((time.perf_counter() - started) * 1000, 2),
     }

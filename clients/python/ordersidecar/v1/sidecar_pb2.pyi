@@ -432,3 +432,117 @@ class ReleaseLeaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class SidecarStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    NATS_CONNECTED_FIELD_NUMBER: _builtins.int
+    LOCK_BACKEND_FIELD_NUMBER: _builtins.int
+    LOCK_BACKEND_UP_FIELD_NUMBER: _builtins.int
+    LOCKS_HELD_FIELD_NUMBER: _builtins.int
+    ENTITIES_BUSY_FIELD_NUMBER: _builtins.int
+    QUEUE_WAITING_FIELD_NUMBER: _builtins.int
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    FENCED_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    LAST_ERRORS_FIELD_NUMBER: _builtins.int
+    producer_id: _builtins.str
+    version: _builtins.str
+    uptime_seconds: _builtins.float
+    stream: _builtins.str
+    nats_connected: _builtins.bool
+    lock_backend: _builtins.str
+    lock_backend_up: _builtins.bool
+    locks_held: _builtins.int
+    entities_busy: _builtins.int
+    queue_waiting: _builtins.int
+    requests_in_flight: _builtins.int
+    published: _builtins.int
+    duplicates: _builtins.int
+    fenced: _builtins.int
+    leases: _builtins.int
+    @_builtins.property
+    def last_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecentError]:
+        """The last failures, newest first (at most 10)."""
+
+    def __init__(
+        self,
+        *,
+        producer_id: _builtins.str = ...,
+        version: _builtins.str = ...,
+        uptime_seconds: _builtins.float = ...,
+        stream: _builtins.str = ...,
+        nats_connected: _builtins.bool = ...,
+        lock_backend: _builtins.str = ...,
+        lock_backend_up: _builtins.bool = ...,
+        locks_held: _builtins.int = ...,
+        entities_busy: _builtins.int = ...,
+        queue_waiting: _builtins.int = ...,
+        requests_in_flight: _builtins.int = ...,
+        published: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        fenced: _builtins.int = ...,
+        leases: _builtins.int = ...,
+        last_errors: _abc.Iterable[Global___RecentError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "entities_busy", b"entities_busy", "fenced", b"fenced", "last_errors", b"last_errors", "leases", b"leases", "lock_backend", b"lock_backend", "lock_backend_up", b"lock_backend_up", "locks_held", b"locks_held", "nats_connected", b"nats_connected", "producer_id", b"producer_id", "published", b"published", "queue_waiting", b"queue_waiting", "requests_in_flight", b"requests_in_flight", "stream", b"stream", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SidecarStatus: _TypeAlias = SidecarStatus  # noqa: Y015
+
+@_typing.final
+class RecentError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    RPC_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    rpc: _builtins.str
+    code: _builtins.str
+    entity_type: _builtins.str
+    message: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        rpc: _builtins.str = ...,
+        code: _builtins.str = ...,
+        entity_type: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "code", b"code", "entity_type", b"entity_type", "message", b"message", "rpc", b"rpc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentError: _TypeAlias = RecentError  # noqa: Y015

@@ -49,6 +49,11 @@ class SidecarStub:
                 request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.SerializeToString,
                 response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/ordersidecar.v1.Sidecar/GetStatus',
+                request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.SidecarStatus.FromString,
+                _registered_method=True)
         self.AcquireLease = channel.unary_unary(
                 '/ordersidecar.v1.Sidecar/AcquireLease',
                 request_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.AcquireLeaseRequest.SerializeToString,
@@ -102,6 +107,14 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The sidecar's state for operators (`order-sidecar status`): backends, locks,
+        queues and the last errors. No entity ids, no payloads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AcquireLease(self, request, context):
         """Take an entity's lock for the caller, e.g. across a database transaction, so
         that the stream follows the caller's commit order. Waits up to wait_timeout
@@ -146,6 +159,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.PublishStream,
                     request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.FromString,
                     response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=ordersidecar_dot_v1_dot_sidecar__pb2.GetStatusRequest.FromString,
+                    response_serializer=ordersidecar_dot_v1_dot_sidecar__pb2.SidecarStatus.SerializeToString,
             ),
             'AcquireLease': grpc.unary_unary_rpc_method_handler(
                     servicer.AcquireLease,
@@ -244,6 +262,33 @@ class Sidecar:
             '/ordersidecar.v1.Sidecar/PublishStream',
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamRequest.SerializeToString,
             ordersidecar_dot_v1_dot_sidecar__pb2.PublishStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ordersidecar.v1.Sidecar/GetStatus',
+            ordersidecar_dot_v1_dot_sidecar__pb2.GetStatusRequest.SerializeToString,
+            ordersidecar_dot_v1_dot_sidecar__pb2.SidecarStatus.FromString,
             options,
             channel_credentials,
             insecure,

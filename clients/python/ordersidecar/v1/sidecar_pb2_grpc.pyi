@@ -58,6 +58,10 @@ class SidecarStub:
     refuses its entity's later events (ABORTED when a retry may pass, else
     FAILED_PRECONDITION): send them again, in order, with the same keys.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]
+    """The sidecar's state for operators (`order-sidecar status`): backends, locks,
+    queues and the last errors. No entity ids, no payloads.
+    """
     AcquireLease: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]
     """Take an entity's lock for the caller, e.g. across a database transaction, so
     that the stream follows the caller's commit order. Waits up to wait_timeout
@@ -96,6 +100,10 @@ class SidecarAsyncStub(SidecarStub):
     (reading pauses beyond that: back-pressure). Once an event fails, this stream
     refuses its entity's later events (ABORTED when a retry may pass, else
     FAILED_PRECONDITION): send them again, in order, with the same keys.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]  # type: ignore[assignment]
+    """The sidecar's state for operators (`order-sidecar status`): backends, locks,
+    queues and the last errors. No entity ids, no payloads.
     """
     AcquireLease: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.AcquireLeaseRequest, _sidecar_pb2.Lease]  # type: ignore[assignment]
     """Take an entity's lock for the caller, e.g. across a database transaction, so
@@ -150,6 +158,16 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         (reading pauses beyond that: back-pressure). Once an event fails, this stream
         refuses its entity's later events (ABORTED when a retry may pass, else
         FAILED_PRECONDITION): send them again, in order, with the same keys.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _sidecar_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_pb2.SidecarStatus, _abc.Awaitable[_sidecar_pb2.SidecarStatus]]:
+        """The sidecar's state for operators (`order-sidecar status`): backends, locks,
+        queues and the last errors. No entity ids, no payloads.
         """
 
     @_abc_1.abstractmethod

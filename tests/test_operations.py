@@ -273,3 +273,29 @@ def test_status_command_shows_state_and_last_errors(
         check=False,
     )
     assert down.returncode == 2 and "did not answer" in down.stderr
+
+
+async def test_redis_reconnects_are_counted(serve_config: ServeConfig, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    app = SidecarApp(dataclasses.replace(serve_config, redis_url=(redis.url,), health_interval=0.2))
+    await app.start()
+    try:
+
+        def value(name: str) -> float | None:
+            return samples(scrape(app.metrics_port)).get((name, (("backend", "redis"),)))
+
+        async def down() -> bool:
+            return value("ordersidecar_backend_up") == 0
+
+        async def back() -> bool:
+            return value("ordersidecar_lock_backend_reconnects_total") == 1
+
+        redis.kill()
+        await _until(down, 10, "redis to be seen down")
+        redis.start()
+        await _until(back, 10, "the reconnect to be counted")
+        assert value("ordersidecar_backend_up") == 1
+    finally:
+        await app.stop()
+        redis.kill()

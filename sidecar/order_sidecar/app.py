@@ -224,6 +224,8 @@ class SidecarApp:
                 locks_up = False
             self.metrics.backend_up.labels("nats").set(nats_up)
             self.metrics.backend_up.labels(self._locks.name).set(locks_up)
+            if locks_up and not self._locks_up:
+                self.metrics.lock_backend_reconnects.labels(self._locks.name).inc()
             self._locks_up = locks_up
             await self._set_health(serving=nats_up and (locks_up or not reject))
             await asyncio.sleep(self.config.health_interval)

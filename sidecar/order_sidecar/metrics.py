@@ -111,6 +111,12 @@ class Metrics:
         self.nats_reconnects = Counter(
             "ordersidecar_nats_reconnects_total", "Reconnections to NATS.", registry=registry
         )
+        self.lock_backend_reconnects = Counter(
+            "ordersidecar_lock_backend_reconnects_total",
+            "Times the lock backend (Redis or NATS KV) answered again after being unreachable.",
+            ["backend"],
+            registry=registry,
+        )
         self.lock_backend_errors = Counter(
             "ordersidecar_lock_backend_errors_total",
             "Lock backend calls that could not reach it (Redis or NATS KV).",

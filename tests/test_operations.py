@@ -26,6 +26,7 @@ from order_sidecar_client import (
     SidecarClient,
     SidecarError,
 )
+from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from .servers import ManagedProcess, NatsServer, RedisServer, SidecarProcess, free_port
@@ -299,3 +300,21 @@ async def test_redis_reconnects_are_counted(serve_config: ServeConfig, tmp_path:
     finally:
         await app.stop()
         redis.kill()
+
+
+async def test_locks_held_does_not_drift_when_callers_vanish(app: SidecarApp) -> None:
+    async with grpc.aio.insecure_channel(app.target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        request = sidecar_pb2.AcquireLeaseRequest(entity_type="order", entity_id="gone")
+        request.ttl.FromMilliseconds(500)
+        first = await stub.AcquireLease(request)  # never released, never renewed
+
+        async def expired() -> bool:
+            return time.time() > first.expires_at.ToNanoseconds() / 1e9
+
+        await _until(expired, 5, "the lease to expire")
+        await stub.AcquireLease(
+            sidecar_pb2.AcquireLeaseRequest(entity_type="order", entity_id="other")
+        )
+    held = app.metrics.registry.get_sample_value("ordersidecar_locks_held", {"backend": "redis"})
+    assert held == 1

@@ -73,7 +73,7 @@ class LeaseRegistry:
         self, entity_type: str, entity_id: str, subject: str, ttl: float, wait: float
     ) -> CallerLease:
         """Take the entity's lock for a caller, waiting up to *wait* seconds."""
-        self._forget_expired()
+        await self._forget_expired()
         lock = await self._backend.acquire(self.lock_key(entity_type, entity_id), ttl, wait)
         if lock is None:
             raise Contention(
@@ -140,7 +140,9 @@ class LeaseRegistry:
         for lease_id in list(self._leases):
             await self.release(lease_id)
 
-    def _forget_expired(self) -> None:
+    async def _forget_expired(self) -> None:
+        # Releasing an expired lock is a no-op for the backend (it checks ownership), but
+        # it keeps the held-locks count honest for callers that vanished.
         now = time.monotonic()
         for lease_id in [k for k, v in self._leases.items() if v.expires_at <= now]:
-            del self._leases[lease_id]
+            await self._backend.release(self._leases.pop(lease_id).lock)

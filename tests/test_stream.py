@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
+import pytest
 from nats.aio.client import Client as NatsClient
 from order_sidecar.app import SidecarApp
 from order_sidecar.verify import OrderChecker
@@ -88,3 +89,14 @@ def test_sync_client_streams(
     assert sorted(r.sequence for _, r in results if isinstance(r, Published)) == sorted(
         [n // 3 + 1 for n in range(300)]
     )
+
+
+async def test_an_error_in_the_callers_events_reaches_the_caller(app: SidecarApp) -> None:
+    def events() -> Iterator[Event]:
+        yield Event("order", "g1", "create")
+        raise RuntimeError("the caller's generator broke")
+
+    async with AsyncSidecarClient(app.target) as client:
+        with pytest.raises(RuntimeError, match="generator broke"):
+            async for _ in client.publish_stream(events()):
+                pass

@@ -220,8 +220,11 @@ class SidecarApp:
             nats_up = self._nc.is_connected
             try:
                 locks_up = await asyncio.wait_for(self._locks.healthy(), 2.0)
-            except (TimeoutError, OSError):
+            except Exception as error:  # a broken check must not freeze health
+                log.debug("lock backend health check failed: %r", error)
                 locks_up = False
+            if self.publisher is not None:
+                await self.publisher.leases.forget_expired()
             self.metrics.backend_up.labels("nats").set(nats_up)
             self.metrics.backend_up.labels(self._locks.name).set(locks_up)
             if locks_up and not self._locks_up:
@@ -243,7 +246,7 @@ class SidecarApp:
         """Stop taking RPCs, finish those in flight, release locks, close connections."""
         if self._watcher is not None:
             self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
         await self._health.enter_graceful_shutdown()
         if self._service is not None:

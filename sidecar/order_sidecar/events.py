@@ -93,6 +93,11 @@ def check_size(event: Event, max_payload: int) -> None:
         )
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """*value* quoted for an error message, cut short: callers may send anything."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def check_entity(entity_type: str, entity_id: str) -> None:
     """Raise InvalidEvent unless the type and id are usable."""
     _check_entity_type(entity_type)
@@ -102,7 +107,7 @@ def check_entity(entity_type: str, entity_id: str) -> None:
 def _check_entity_type(entity_type: str) -> None:
     if not _ENTITY_TYPE.fullmatch(entity_type):
         raise InvalidEvent(
-            f"entity_type {entity_type!r} is invalid: use 1-64 characters of [A-Za-z0-9_-], "
+            f"entity_type {shown(entity_type)} is invalid: use 1-64 characters of [A-Za-z0-9_-], "
             "e.g. 'patient'"
         )
 
@@ -128,17 +133,17 @@ def _check_headers(headers: dict[str, str]) -> None:
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name):
             raise InvalidEvent(
-                f"header name {name!r} is invalid: use 1-128 token characters "
+                f"header name {shown(name)} is invalid: use 1-128 token characters "
                 "(letters, digits and !#$%&'*+-.^_`|~)"
             )
         if wire.is_reserved_header(name):
             raise InvalidEvent(
-                f"header {name!r} is reserved: names starting with 'Nats-' or 'Entity-' "
+                f"header {shown(name)} is reserved: names starting with 'Nats-' or 'Entity-' "
                 "are set by the sidecar"
             )
         if "\r" in value or "\n" in value or value != value.strip():
             raise InvalidEvent(
-                f"header {name!r} value must not contain CR or LF nor start or end with "
+                f"header {shown(name)} value must not contain CR or LF nor start or end with "
                 "whitespace (NATS trims header values)"
             )
     total = sum(len(k) + len(v.encode("utf-8")) for k, v in headers.items())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from . import wire
 from .errors import Contention, LeaseLost, LeaseNotFound
+from .events import shown
 from .locks.base import Lease, LockBackend
 from .stream import EntityPosition, EventStream
 
@@ -73,7 +74,7 @@ class LeaseRegistry:
         self, entity_type: str, entity_id: str, subject: str, ttl: float, wait: float
     ) -> CallerLease:
         """Take the entity's lock for a caller, waiting up to *wait* seconds."""
-        await self._forget_expired()
+        await self.forget_expired()
         lock = await self._backend.acquire(self.lock_key(entity_type, entity_id), ttl, wait)
         if lock is None:
             raise Contention(
@@ -110,7 +111,7 @@ class LeaseRegistry:
         lease = self._leases.get(lease_id)
         if lease is None:
             raise LeaseLost(
-                f"lease {lease_id!r} is unknown to this sidecar (expired, released, or issued "
+                f"lease {shown(lease_id)} is unknown to this sidecar (expired, released, or issued "
                 f"by another sidecar); {_REDO}"
             )
         lease.check_alive()
@@ -132,7 +133,7 @@ class LeaseRegistry:
         """Give a lease up; LeaseNotFound when there is nothing to release."""
         lease = self._leases.pop(lease_id, None)
         if lease is None:
-            raise LeaseNotFound(f"lease {lease_id!r} is not held here (expired or released)")
+            raise LeaseNotFound(f"lease {shown(lease_id)} is not held here (expired or released)")
         await self._backend.release(lease.lock)
 
     async def release_all(self) -> None:
@@ -140,7 +141,8 @@ class LeaseRegistry:
         for lease_id in list(self._leases):
             await self.release(lease_id)
 
-    async def _forget_expired(self) -> None:
+    async def forget_expired(self) -> None:
+        """Drop and release leases whose TTL passed (callers that vanished)."""
         # Releasing an expired lock is a no-op for the backend (it checks ownership), but
         # it keeps the held-locks count honest for callers that vanished.
         now = time.monotonic()

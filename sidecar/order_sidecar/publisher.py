@@ -105,6 +105,11 @@ class Publisher:
             except SidecarError as error:
                 failed.setdefault(key, (index, error))
                 raise
+            except Exception as error:
+                # Still block the entity's later events: an unexplained failure is a failure.
+                internal = SidecarError(f"internal error: {error!r}")
+                failed.setdefault(key, (index, internal))
+                raise internal from error
 
     async def publish_in_order(
         self, events: Sequence[Event], budget: float | None = None

@@ -149,11 +149,16 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         ],
     ) -> AsyncIterator[sidecar_pb2.PublishStreamResponse]:
         """Publish a stream of tagged events; tagged results as each completes."""
+        # Unbounded, because the window bounds it: a slot is taken when an event is read
+        # and given back once its reply is handed to gRPC, whose flow control then bounds
+        # what waits for a slow reader.
         replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_stream(requests, replies))
+        window = asyncio.Semaphore(self._stream_window)
+        reader = asyncio.create_task(self._read_stream(requests, replies, window))
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+                window.release()
             await reader  # re-raises what stopped the reading, if anything
         except Exception as error:
             await _abort(context, error)
@@ -164,48 +169,55 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self,
         requests: AsyncIterator[sidecar_pb2.PublishStreamRequest],
         replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None],
+        window: asyncio.Semaphore,
     ) -> None:
-        window = asyncio.Semaphore(self._stream_window)
         failed: dict[str, tuple[int, SidecarError]] = {}
         running: set[asyncio.Task[None]] = set()
+
+        def answer(tag: str, outcome: BatchOutcome) -> None:
+            self._metrics.count_result(outcome)
+            replies.put_nowait(sidecar_pb2.PublishStreamResponse(tag=tag, result=_result(outcome)))
 
         async def publish(index: int, tag: str, event: Event) -> None:
             started = time.perf_counter()
             try:
                 outcome: BatchOutcome = await self._publisher.publish_streamed(event, index, failed)
-            except SidecarError as error:
-                outcome = error
-                self._failed("PublishStream", error, event.entity_type, started)
-            finally:
-                window.release()
-            self._metrics.count_result(outcome)
-            await replies.put(sidecar_pb2.PublishStreamResponse(tag=tag, result=_result(outcome)))
+            except Exception as error:  # every event gets exactly one answer
+                outcome = (
+                    error
+                    if isinstance(error, SidecarError)
+                    else SidecarError(f"internal error: {error!r}")
+                )
+                self._failed("PublishStream", outcome, event.entity_type, started)
+            answer(tag, outcome)
 
         try:
             with self._tracked():
-                index = 0
-                async for request in requests:
-                    await window.acquire()  # back-pressure: stop reading when full
-                    index += 1
-                    try:
-                        event = event_from_request(request.event)
-                    except SidecarError as error:
-                        window.release()
-                        self._metrics.count_result(error)
-                        key = (request.event.entity_type, request.event.entity_id)
-                        failed.setdefault(self._publisher.lock_key_of(*key), (index, error))
-                        await replies.put(
-                            sidecar_pb2.PublishStreamResponse(
-                                tag=request.tag, result=_result(error)
-                            )
-                        )
-                        continue
-                    task = asyncio.create_task(publish(index, request.tag, event))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                await asyncio.gather(*running)
+                try:
+                    index = 0
+                    async for request in requests:
+                        await window.acquire()
+                        index += 1
+                        try:
+                            event = event_from_request(request.event)
+                        except SidecarError as error:
+                            entity = (request.event.entity_type, request.event.entity_id)
+                            failed.setdefault(self._publisher.lock_key_of(*entity), (index, error))
+                            self._failed("PublishStream", error, entity[0], time.perf_counter())
+                            answer(request.tag, error)
+                            continue
+                        task = asyncio.create_task(publish(index, request.tag, event))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                    await asyncio.gather(*running)
+                finally:
+                    # The stream ended abnormally (client gone, shutdown): stop its publishes
+                    # while they still count as in flight, rather than behind the drain.
+                    for task in running:
+                        task.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
         finally:
-            await replies.put(None)
+            replies.put_nowait(None)
 
     async def GetStatus(
         self,

@@ -141,17 +141,31 @@ class AsyncSidecarClient:
         so send the failed ones again, in order (their keys make that safe).
         """
         sent: dict[str, Event] = {}
+        # grpc swallows an error raised while it reads our requests (and cancels the
+        # call); keep it so that the caller sees it, not a bare cancellation.
+        broken: list[BaseException] = []
 
         async def requests() -> AsyncIterator[sidecar_pb2.PublishStreamRequest]:
-            async for tag, event in _tagged(events):
-                sent[tag] = event
-                yield sidecar_pb2.PublishStreamRequest(tag=tag, event=event.to_request())
+            try:
+                async for tag, event in _tagged(events):
+                    request = event.to_request()
+                    sent[tag] = event
+                    yield sidecar_pb2.PublishStreamRequest(tag=tag, event=request)
+            except Exception as error:
+                broken.append(error)
+                raise
 
         try:
             async for response in self._stub.PublishStream(requests()):
                 yield sent.pop(response.tag), stream_result(response)
-        except grpc.RpcError as rpc_error:
-            raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        except (grpc.RpcError, asyncio.CancelledError) as stopped:
+            if broken:
+                raise broken[0] from None
+            if isinstance(stopped, asyncio.CancelledError):
+                raise
+            raise SidecarError.from_rpc_error(stopped) from stopped
+        if broken:
+            raise broken[0]
 
     async def close(self) -> None:
         """Close the channel."""

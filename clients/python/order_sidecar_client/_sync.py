@@ -121,17 +121,27 @@ class SidecarClient:
         entity's later events, so send the failed ones again, in order.
         """
         sent: dict[str, Event] = {}
+        broken: list[BaseException] = []  # grpc hides errors raised while reading requests
 
         def requests() -> Iterator[sidecar_pb2.PublishStreamRequest]:
-            for number, event in enumerate(events, start=1):
-                sent[str(number)] = event
-                yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=event.to_request())
+            try:
+                for number, event in enumerate(events, start=1):
+                    request = event.to_request()
+                    sent[str(number)] = event
+                    yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=request)
+            except Exception as error:
+                broken.append(error)
+                raise
 
         try:
             for response in self._stub.PublishStream(requests()):
                 yield sent.pop(response.tag), stream_result(response)
         except grpc.RpcError as rpc_error:
+            if broken:
+                raise broken[0] from None
             raise SidecarError.from_rpc_error(rpc_error) from rpc_error
+        if broken:
+            raise broken[0]
 
     def close(self) -> None:
         """Close the channel."""

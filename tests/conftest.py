@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -68,7 +70,8 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     """A plain NATS connection for looking at the stream."""
     client = await nats.connect(nats_server.url)
     yield client
-    await client.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(client.close(), 5.0)
 
 
 @pytest.fixture

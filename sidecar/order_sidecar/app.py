@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats.errors
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -260,10 +261,12 @@ class SidecarApp:
         if self._locks is not None:
             await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
-            if self._nc.is_connected:
-                await self._nc.drain()
-            else:
-                await self._nc.close()
+            # Bounded: nats-py's drain/close can hang while it is reconnecting.
+            closing = self._nc.drain() if self._nc.is_connected else self._nc.close()
+            try:
+                await asyncio.wait_for(closing, 10.0)
+            except (TimeoutError, nats.errors.Error) as error:
+                log.warning("NATS connection did not close cleanly: %r", error)
         if self._embedded is not None:
             self._embedded.stop()
         if self._metrics_server is not None:

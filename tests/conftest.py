@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -81,6 +82,37 @@ async def app(serve_config: ServeConfig) -> AsyncIterator[SidecarApp]:
     await sidecar.start()
     yield sidecar
     await sidecar.stop()
+
+
+@dataclass
+class World:
+    """What a multi-process test works with: the session's servers, this test's names,
+    a sidecar starter, a NATS connection and a scratch folder."""
+
+    nats_server: NatsServer
+    redis_server: RedisServer
+    names: dict[str, str]
+    sidecars: Callable[..., SidecarProcess]
+    nc: NatsClient
+    tmp_path: Path
+
+    @property
+    def stream(self) -> str:
+        """This test's stream."""
+        return self.names["stream"]
+
+
+@pytest.fixture
+def world(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    sidecars: Callable[..., SidecarProcess],
+    nc: NatsClient,
+    tmp_path: Path,
+) -> World:
+    """The bundle most multi-process tests need."""
+    return World(nats_server, redis_server, names, sidecars, nc, tmp_path)
 
 
 @pytest.fixture

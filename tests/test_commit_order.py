@@ -14,16 +14,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client import AsyncSidecarClient, Event
 from redis.asyncio import Redis
 
+from .conftest import World
 from .helpers import stream_messages
 from .load import WORKLOAD, Producers
-from .servers import NatsServer, RedisServer, SidecarProcess
 from .test_e2e import sidecar_options
 
 PRODUCERS = 4
@@ -55,25 +53,17 @@ async def version_order_violations(
     return {"not_increasing": not_increasing, "stale_end": stale_end}
 
 
-async def run_commit_workload(
-    lease: bool,
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> dict[str, int]:
-    options = sidecar_options(nats_server, redis_server, names)
-    running = [sidecars(f"sidecar-{n}", **options) for n in range(2)]
-    producers = Producers(tmp_path)
+async def run_commit_workload(lease: bool, world: World) -> dict[str, int]:
+    options = sidecar_options(world.nats_server, world.redis_server, world.names)
+    running = [world.sidecars(f"sidecar-{n}", **options) for n in range(2)]
+    producers = Producers(world.tmp_path)
     for n in range(PRODUCERS):
         producers.start(
             "commit",
             f"committer-{n}",
             target=running[n % 2].target,
-            redis_url=redis_server.url,
-            subject_prefix=names["subject_prefix"],
+            redis_url=world.redis_server.url,
+            subject_prefix=world.names["subject_prefix"],
             entities=ROWS,
             events=TRANSACTIONS_EACH,
             tasks=3,
@@ -82,47 +72,24 @@ async def run_commit_workload(
     assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
     assert len(producers.replies()) == PRODUCERS * TRANSACTIONS_EACH
     return await version_order_violations(
-        nc, names["stream"], redis_server.url, names["subject_prefix"]
+        world.nc, world.stream, world.redis_server.url, world.names["subject_prefix"]
     )
 
 
-async def test_with_leases_stream_follows_commit_order(
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> None:
-    violations = await run_commit_workload(
-        True, nats_server, redis_server, names, sidecars, nc, tmp_path
-    )
+async def test_with_leases_stream_follows_commit_order(world: World) -> None:
+    violations = await run_commit_workload(True, world)
     assert violations == {"not_increasing": 0, "stale_end": 0}
 
 
-async def test_without_leases_the_same_check_fails(
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> None:
-    violations = await run_commit_workload(
-        False, nats_server, redis_server, names, sidecars, nc, tmp_path
-    )
+async def test_without_leases_the_same_check_fails(world: World) -> None:
+    violations = await run_commit_workload(False, world)
     assert violations["not_increasing"] > 0
 
 
-async def test_lease_expires_while_its_holder_is_stopped(
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> None:
-    sidecar = sidecars("sidecar", **sidecar_options(nats_server, redis_server, names))
+async def test_lease_expires_while_its_holder_is_stopped(world: World) -> None:
+    nats_server, redis_server, names = world.nats_server, world.redis_server, world.names
+    nc, tmp_path = world.nc, world.tmp_path
+    sidecar = world.sidecars("sidecar", **sidecar_options(nats_server, redis_server, names))
     holder = subprocess.Popen(
         [
             sys.executable,

@@ -6,12 +6,12 @@ itself is shown to be able to fail.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from .conftest import World
 from .load import Producers, check_acked_replies_are_in_stream, run_verify
 from .servers import NatsServer, RedisServer, SidecarProcess
 
@@ -80,15 +80,9 @@ async def check_exactly_once_in_order(
 
 
 @pytest.mark.parametrize("lock_backend", ["redis", "redis-quorum-3", "nats-kv"])
-async def test_sidecars_keep_every_entity_in_order(
-    lock_backend: str,
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> None:
+async def test_sidecars_keep_every_entity_in_order(lock_backend: str, world: World) -> None:
+    nats_server, redis_server, names = world.nats_server, world.redis_server, world.names
+    sidecars, nc, tmp_path = world.sidecars, world.nc, world.tmp_path
     backend = "redis" if lock_backend.startswith("redis") else "nats-kv"
     options = sidecar_options(nats_server, redis_server, names, backend)
     masters = [RedisServer(tmp_path, f"master-{n}") for n in range(2)]
@@ -108,20 +102,13 @@ async def test_sidecars_keep_every_entity_in_order(
     assert f"locks: {backend}" in running[0].log_path.read_text()
 
 
-async def test_sidecars_keep_order_through_publish_stream_at_full_speed(
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    sidecars: Callable[..., SidecarProcess],
-    nc: NatsClient,
-    tmp_path: Path,
-) -> None:
-    options = sidecar_options(nats_server, redis_server, names)
-    running = [sidecars(f"sidecar-{n}", **options) for n in range(3)]
-    producers = Producers(tmp_path)
+async def test_sidecars_keep_order_through_publish_stream_at_full_speed(world: World) -> None:
+    options = sidecar_options(world.nats_server, world.redis_server, world.names)
+    running = [world.sidecars(f"sidecar-{n}", **options) for n in range(3)]
+    producers = Producers(world.tmp_path)
     start_producers(producers, running, api="stream")
     assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
-    await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
+    await check_exactly_once_in_order(world.nc, world.nats_server.url, world.stream, producers)
 
 
 async def test_verify_finds_violations_of_naive_publishers(

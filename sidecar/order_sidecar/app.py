@@ -261,6 +261,9 @@ class SidecarApp:
         if self._locks is not None:
             await self._locks.close()
         if self._nc is not None and not self._nc.is_closed:
+            # Give up reconnecting first: nats-py's reconnect loop survives cancellation and
+            # would keep the process from exiting while NATS is down.
+            self._nc.options["max_reconnect_attempts"] = 1
             # Bounded: nats-py's drain/close can hang while it is reconnecting.
             closing = self._nc.drain() if self._nc.is_connected else self._nc.close()
             try:

@@ -71,8 +71,15 @@ def _nats_kv(tmp_path: Path, binary: str = "") -> BackendUnderTest:
     )
 
     async def make() -> LockBackend:
-        nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
-        under_test.closers.append(nc.close)
+        # Finite reconnects: a reconnect loop against a server that teardown killed does
+        # not stop when cancelled, and would hang the event loop's shutdown.
+        nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=50)
+
+        async def close() -> None:
+            nc.options["max_reconnect_attempts"] = 1
+            await nc.close()
+
+        under_test.closers.append(close)
         backend = await NatsKvLockBackend.open(nc, "CONFORMANCE", request_timeout=0.5, lock_ttl=TTL)
         assert (backend.fixed_ttl is not None) == bool(binary)
         return backend

@@ -28,6 +28,18 @@ class InvalidEvent(SidecarError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(SidecarError):
+    """The RPC lacks the shared token (--auth-token-file), or sent another one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class LimitExceeded(SidecarError):
+    """A configured limit is reached (e.g. --max-streams); retry later or raise it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class IdempotencyKeyReused(SidecarError):
     """The idempotency key was already used for a different event of this entity."""
 

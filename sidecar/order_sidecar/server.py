@@ -15,7 +15,14 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .errors import EarlierEventFailed, InvalidEvent, ShuttingDown, SidecarError, grpc_status
+from .errors import (
+    EarlierEventFailed,
+    InvalidEvent,
+    LimitExceeded,
+    ShuttingDown,
+    SidecarError,
+    grpc_status,
+)
 from .events import Event, event_from_request
 from .lease_rpcs import lease_reply, lease_terms
 from .metrics import Metrics, outcome_of
@@ -40,7 +47,11 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         stream_window: int,
         metrics: Metrics,
         describe: Callable[[], sidecar_pb2.SidecarStatus] = sidecar_pb2.SidecarStatus,
+        *,
+        max_streams: int = 64,
     ) -> None:
+        self._max_streams = max_streams
+        self._streams = 0
         self._describe = describe
         self._recent_errors: collections.deque[sidecar_pb2.RecentError] = collections.deque(
             maxlen=RECENT_ERRORS
@@ -97,7 +108,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             if rpc == "Publish":
                 self._metrics.publish_results.labels(outcome).inc()
             self._failed(rpc, error, entity_type, started)
-            await _abort(context, error)
+            await abort_rpc(context, error)
         finally:
             self._metrics.rpc_seconds.labels(rpc, outcome).observe(time.perf_counter() - started)
 
@@ -154,6 +165,14 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         # what waits for a slow reader.
         replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)
+        if self._streams >= self._max_streams:
+            refused = LimitExceeded(
+                f"{self._streams} PublishStream calls are open, the limit (--max-streams); "
+                "retry later, share one stream, or use PublishBatch"
+            )
+            self._failed("PublishStream", refused, "", time.perf_counter())
+            await abort_rpc(context, refused)
+        self._streams += 1
         reader = asyncio.create_task(self._read_stream(requests, replies, window))
         try:
             while (reply := await replies.get()) is not None:
@@ -161,8 +180,9 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 window.release()
             await reader  # re-raises what stopped the reading, if anything
         except Exception as error:
-            await _abort(context, error)
+            await abort_rpc(context, error)
         finally:
+            self._streams -= 1
             reader.cancel()
 
     async def _read_stream(
@@ -379,7 +399,9 @@ def _log_failure(rpc: str, error: BaseException, entity_type: str, started: floa
         log.error("%s failed unexpectedly", rpc, exc_info=error, extra=fields)
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
+async def abort_rpc(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
+    """End the RPC with *error*'s status: the one way RPCs are aborted (security's token
+    check uses it too)."""
     code, message = grpc_status(error)
     await context.abort(code, message)
     raise AssertionError("context.abort returned")

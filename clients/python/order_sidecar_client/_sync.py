@@ -10,6 +10,7 @@ from types import TracebackType
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
+from ._channel import PathLike, tls_credentials, token_metadata
 from ._lease import Lease, release_request
 from ._types import (
     BatchResult,
@@ -29,8 +30,30 @@ from ._types import (
 class SidecarClient:
     """Talks to one sidecar (normally the one on localhost)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", retry: RetryPolicy | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        retry: RetryPolicy | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        token: str | None = None,
+    ) -> None:
+        """Connect to the sidecar at *target*.
+
+        TLS is on with *tls* or any ``tls_*`` file: *tls_ca* verifies the sidecar (system
+        CAs when unset), *tls_cert*/*tls_key* answer a sidecar that requires mutual TLS.
+        *token* is sent with every call, for a sidecar with --auth-token-file.
+        """
+        credentials = tls_credentials(tls, tls_ca, tls_cert, tls_key)
+        self._channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials
+            else grpc.insecure_channel(target)
+        )
+        self._metadata = token_metadata(token)
         self._stub = sidecar_pb2_grpc.SidecarStub(self._channel)
         self.retry = retry or RetryPolicy()
 
@@ -50,6 +73,7 @@ class SidecarClient:
             reply = self._stub.AcquireLease(
                 acquire_request(entity_type, entity_id, ttl, wait),
                 timeout=wait + self.retry.attempt_timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as rpc_error:
             raise SidecarError.from_rpc_error(rpc_error) from rpc_error
@@ -65,6 +89,7 @@ class SidecarClient:
             reply = self._stub.RenewLease(
                 sidecar_pb2.RenewLeaseRequest(lease_id=lease_id),
                 timeout=self.retry.attempt_timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as rpc_error:
             raise SidecarError.from_rpc_error(rpc_error) from rpc_error
@@ -72,14 +97,20 @@ class SidecarClient:
 
     def _release(self, lease_id: str) -> None:
         try:
-            self._stub.ReleaseLease(release_request(lease_id), timeout=self.retry.attempt_timeout)
+            self._stub.ReleaseLease(
+                release_request(lease_id),
+                timeout=self.retry.attempt_timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as rpc_error:
             raise SidecarError.from_rpc_error(rpc_error) from rpc_error
 
     def _publish_request(self, request: sidecar_pb2.PublishRequest) -> Published:
         for attempt in range(1, self.retry.attempts + 1):
             try:
-                response = self._stub.Publish(request, timeout=self.retry.attempt_timeout)
+                response = self._stub.Publish(
+                    request, timeout=self.retry.attempt_timeout, metadata=self._metadata
+                )
                 return Published.from_response(response)
             except grpc.RpcError as rpc_error:
                 error = SidecarError.from_rpc_error(rpc_error)
@@ -101,7 +132,9 @@ class SidecarClient:
                 break
             request = sidecar_pb2.PublishBatchRequest(events=[events[i].to_request() for i in todo])
             try:
-                response = self._stub.PublishBatch(request, timeout=self.retry.attempt_timeout)
+                response = self._stub.PublishBatch(
+                    request, timeout=self.retry.attempt_timeout, metadata=self._metadata
+                )
                 for index, result in zip(todo, batch_results(response, len(todo)), strict=True):
                     results[index] = result
             except grpc.RpcError as rpc_error:
@@ -134,7 +167,7 @@ class SidecarClient:
                 raise
 
         try:
-            for response in self._stub.PublishStream(requests()):
+            for response in self._stub.PublishStream(requests(), metadata=self._metadata):
                 yield sent.pop(response.tag), stream_result(response)
         except grpc.RpcError as rpc_error:
             if broken:

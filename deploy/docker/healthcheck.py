@@ -53,13 +53,18 @@ def check(target: str, live: bool, timeout: float) -> tuple[bool, str]:
     return healthy, f"{target} is {status}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The script's options."""
+    parser = argparse.ArgumentParser(description="gRPC health check of the order sidecar.")
     parser.add_argument("--target", default="", help="sidecar host:port (default: its listen)")
     parser.add_argument("--live", action="store_true", help="liveness: any answer is healthy")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
     target = args.target or default_target(dict(os.environ))
     healthy, why = check(target, args.live, args.timeout)
     print(why)

@@ -1,0 +1,148 @@
+"""The ordered consumer: partitions from an assignment, one worker per held partition."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Generic
+
+from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
+
+from .apply import Applier, ConsumerMetrics, Handler
+from .assignment import Assignment
+from .breaker import CircuitBreaker
+from .config import ConsumerConfig
+from .dlq import DeadLetters, ensure_dlq_stream
+from .errors import ConsumerConfigError
+from .positions import PositionStore, TxT
+from .worker import PartitionWorker, WorkerContext
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = "ordersidecar.subject_prefix"
+META_PARTITIONS = "ordersidecar.partitions"
+
+
+class OrderedConsumer(Generic[TxT]):
+    """Applies a sidecar stream's events once and in order per entity.
+
+    ``handler(event, tx)`` writes through *tx*, the transaction of *store* in which the
+    entity's position moves too. The handler's return acks the event; its exception
+    NAKs it with backoff, and after ``max_deliveries`` sends it to the DLQ and blocks
+    the entity. Run :meth:`run` until :meth:`stop`; it raises :class:`GapError` when
+    the gap policy is ``fail``.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        config: ConsumerConfig,
+        store: PositionStore[TxT],
+        handler: Handler[TxT],
+        assignment: Assignment,
+        breaker: CircuitBreaker | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.nc = nc
+        self.config = config
+        self.assignment = assignment
+        self.applier = Applier(store, handler)
+        self.breaker = breaker
+        self.metrics = ConsumerMetrics(registry)
+        self._workers: dict[int, tuple[PartitionWorker[TxT], asyncio.Task[None]]] = {}
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    @property
+    def partitions_held(self) -> frozenset[int]:
+        """Partitions with a running worker."""
+        return frozenset(self._workers)
+
+    async def run(self) -> None:
+        """Process until :meth:`stop`; workers' fatal errors (GapError) propagate."""
+        ctx = await self._context()
+        partitions = await self._partition_count()
+        try:
+            while not self._stopping.is_set():
+                await self._rebalance(ctx, partitions)
+                self._raise_worker_errors()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.assignment.interval)
+        finally:
+            for partition in list(self._workers):
+                await self._stop_worker(partition)
+            await self.assignment.close()
+
+    async def stop(self) -> None:
+        """Finish the current events, stop fetching and give the partitions up."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def _context(self) -> WorkerContext[TxT]:
+        js = self.nc.jetstream()
+        prefix = self.config.subject_prefix or await self._stream_meta(META_PREFIX)
+        await ensure_dlq_stream(js, self.config.dlq_stream_name, self.config.dlq_subject_prefix)
+        dead_letters = DeadLetters(
+            js, self.config.stream, self.config.dlq_stream_name, self.config.dlq_subject_prefix
+        )
+        return WorkerContext(
+            js,
+            self.config,
+            prefix,
+            self.applier,
+            dead_letters,
+            self.assignment,
+            self.metrics,
+            self.breaker,
+        )
+
+    async def _partition_count(self) -> int:
+        if self.config.partitions:
+            return self.config.partitions
+        return int(await self._stream_meta(META_PARTITIONS))
+
+    async def _stream_meta(self, name: str) -> str:
+        info = await self.nc.jetstream().stream_info(self.config.stream)
+        value = (info.config.metadata or {}).get(name)
+        if not value:
+            raise ConsumerConfigError(
+                f"stream {self.config.stream} has no {name} metadata: pass it in the config"
+            )
+        return value
+
+    async def _rebalance(self, ctx: WorkerContext[TxT], partitions: int) -> None:
+        plan = await self.assignment.refresh(partitions)
+        for partition in set(self._workers) - plan.keep:
+            await self._stop_worker(partition)
+        for partition in plan.surplus:
+            await self.assignment.release(partition)
+            log.info("released partition %d to balance replicas", partition)
+        for partition in sorted(plan.keep - set(self._workers)):
+            worker = PartitionWorker(partition, ctx)
+            task = asyncio.create_task(worker.run(), name=f"partition-{partition}")
+            task.add_done_callback(lambda _: self._wake.set())
+            self._workers[partition] = (worker, task)
+        self.metrics.partitions_held.set(len(self._workers))
+
+    def _raise_worker_errors(self) -> None:
+        for partition, (_, task) in list(self._workers.items()):
+            if task.done():
+                del self._workers[partition]
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+
+    async def _stop_worker(self, partition: int) -> None:
+        entry = self._workers.pop(partition, None)
+        if entry is None:
+            return
+        worker, task = entry
+        worker.stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.config.fetch_timeout + 5.0)
+        except TimeoutError:
+            task.cancel()
+        except Exception as error:
+            log.error("partition %d worker failed: %r", partition, error)

@@ -1,0 +1,76 @@
+"""An entity event as the consumer hands it to a handler, parsed from the wire format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from nats.aio.msg import Msg
+
+HEADER_ENTITY_TYPE: Final = "Entity-Type"
+HEADER_ENTITY_ID: Final = "Entity-Id"
+HEADER_ENTITY_SEQUENCE: Final = "Entity-Sequence"
+HEADER_ENTITY_OPERATION: Final = "Entity-Operation"
+HEADER_ENTITY_VERSION: Final = "Entity-Version"
+
+
+@dataclass(frozen=True)
+class EntityKey:
+    """One entity: its type and id."""
+
+    entity_type: str
+    entity_id: str
+
+
+@dataclass(frozen=True)
+class EntityEvent:
+    """One event of an entity, from the stream (or re-read for a replay)."""
+
+    key: EntityKey
+    sequence: int
+    operation: str
+    payload: bytes
+    subject: str
+    stream_sequence: int
+    deliveries: int = 1
+    version: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def partition(self) -> int:
+        """The partition token of the subject ``{prefix}.{type}.{partition}.{token}``."""
+        return int(self.subject.split(".")[-2])
+
+
+class MalformedEvent(ValueError):
+    """A message without the sidecar's entity headers."""
+
+
+def parse_headers(
+    headers: dict[str, str] | None, subject: str, payload: bytes, stream_sequence: int
+) -> EntityEvent:
+    """Build an event from wire headers; :class:`MalformedEvent` if they are missing."""
+    headers = dict(headers or {})
+    try:
+        key = EntityKey(headers[HEADER_ENTITY_TYPE], headers[HEADER_ENTITY_ID])
+        sequence = int(headers[HEADER_ENTITY_SEQUENCE])
+    except (KeyError, ValueError) as error:
+        raise MalformedEvent(f"no valid entity headers on {subject}: {error}") from error
+    version = headers.get(HEADER_ENTITY_VERSION)
+    return EntityEvent(
+        key=key,
+        sequence=sequence,
+        operation=headers.get(HEADER_ENTITY_OPERATION, ""),
+        payload=payload,
+        subject=subject,
+        stream_sequence=stream_sequence,
+        version=int(version) if version and version.isdigit() else None,
+        headers=headers,
+    )
+
+
+def parse_msg(msg: Msg) -> EntityEvent:
+    """The event in a JetStream message, with its delivery count."""
+    meta = msg.metadata
+    event = parse_headers(msg.headers, msg.subject, msg.data, meta.sequence.stream)
+    return replace(event, deliveries=int(meta.num_delivered))

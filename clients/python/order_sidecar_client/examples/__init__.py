@@ -1,0 +1,1 @@
+"""Runnable examples of the consumer library (``python -m order_sidecar_client.examples.…``)."""

@@ -1,0 +1,134 @@
+"""Helpers of the consumer tests: a stream in the sidecar's format, replica processes,
+and the apply-order check (the project's OrderChecker over the replica's apply log)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import StorageType, StreamConfig
+from order_sidecar import wire
+from order_sidecar.verify import OrderChecker, TypeReport
+
+from ..servers import ManagedProcess
+
+REPLICA = Path(__file__).with_name("replica_proc.py")
+PARTITIONS = 4
+
+
+async def create_stream(
+    nc: NatsClient, names: dict[str, str], partitions: int = PARTITIONS
+) -> None:
+    """The stream as a sidecar would create it (subjects and metadata)."""
+    await nc.jetstream().add_stream(
+        StreamConfig(
+            name=names["stream"],
+            subjects=[f"{names['subject_prefix']}.>"],
+            storage=StorageType.FILE,
+            metadata={
+                "ordersidecar.subject_prefix": names["subject_prefix"],
+                "ordersidecar.partitions": str(partitions),
+            },
+        )
+    )
+
+
+async def publish(
+    nc: NatsClient,
+    names: dict[str, str],
+    events: Iterable[tuple[str, int, bytes]],
+    entity_type: str = "patient",
+    partitions: int = PARTITIONS,
+) -> None:
+    """Publish ``(entity_id, sequence, payload)`` straight to the stream, as given (so
+    tests can write duplicates and gaps the sidecar never would)."""
+    js = nc.jetstream()
+    for entity_id, sequence, payload in events:
+        subject = wire.subject_for(names["subject_prefix"], entity_type, entity_id, partitions)
+        headers = {
+            wire.HEADER_ENTITY_TYPE: entity_type,
+            wire.HEADER_ENTITY_ID: entity_id,
+            wire.HEADER_ENTITY_SEQUENCE: str(sequence),
+            wire.HEADER_ENTITY_OPERATION: "update",
+        }
+        await js.publish(subject, payload, headers=headers)
+
+
+def in_order(entities: dict[str, int]) -> list[tuple[str, int, bytes]]:
+    """Events 1..n of each entity, interleaved round-robin."""
+    out: list[tuple[str, int, bytes]] = []
+    for sequence in range(1, max(entities.values()) + 1):
+        out.extend(
+            (entity_id, sequence, f"{entity_id}#{sequence}".encode())
+            for entity_id, last in entities.items()
+            if sequence <= last
+        )
+    return out
+
+
+class ReplicaProcess(ManagedProcess):
+    """``tests/consumer/replica_proc.py`` (the SQLite example with fault injection)."""
+
+    def __init__(self, workdir: Path, name: str, options: dict[str, str]) -> None:
+        super().__init__(name, workdir)
+        self.options = options
+
+    def _command(self) -> list[str]:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in self.options.items()]
+        return [sys.executable, str(REPLICA), f"--replica-id={self.name}", *flags]
+
+    def is_ready(self) -> bool:
+        """It printed that it is starting (consuming is checked through the database)."""
+        return self.log_path.exists() and "starting" in self.log_path.read_text()
+
+    def exit_code(self, timeout: float) -> int:
+        """Wait for the process to end by itself."""
+        assert self.process is not None
+        return int(self.process.wait(timeout))
+
+
+def apply_log(db: Path) -> list[tuple[str, str, int]]:
+    """``(entity_type, entity_id, sequence)`` in apply (commit) order."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db, timeout=30) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT entity_type, entity_id, sequence FROM apply_log ORDER BY id"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return []  # tables not created yet
+    return [(str(t), str(i), int(s)) for t, i, s in rows]
+
+
+def replica_rows(db: Path) -> dict[str, int]:
+    """Entity id -> sequence of its row in the replica."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        rows = conn.execute("SELECT entity_id, sequence FROM entities").fetchall()
+    return {str(i): int(s) for i, s in rows}
+
+
+def check_applies(applies: Iterable[tuple[str, str, int]]) -> TypeReport:
+    """Gaps, duplicates and inversions of the applies, in apply order, all types summed."""
+    checker = OrderChecker()
+    for entity_type, entity_id, sequence in applies:
+        checker.observe_sequence(entity_type, entity_id, sequence)
+    total = TypeReport()
+    for report in checker.report().values():
+        for name in ("events", "entities", "gaps", "duplicates", "inversions"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+    return total
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Await *condition* until true; fail with *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)

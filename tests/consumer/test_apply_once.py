@@ -1,0 +1,109 @@
+"""Apply-once against a real nats-server: duplicates, gaps (both policies), redelivery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from order_sidecar_client.consumer import (
+    ConsumerConfig,
+    EntityEvent,
+    EntityKey,
+    GapError,
+    GapPolicy,
+    OrderedConsumer,
+    SqlitePositionStore,
+    StaticAssignment,
+    list_dead,
+)
+
+from .support import create_stream, publish, wait_for
+
+
+class Recorder:
+    """A handler that records applies (in commit order) and can fail on a payload."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, int]] = []
+        self.poison: bytes | None = None
+        self.calls = 0
+
+    async def __call__(self, event: EntityEvent, tx: sqlite3.Connection) -> None:
+        self.calls += 1
+        if self.poison is not None and event.payload == self.poison:
+            raise RuntimeError("cannot apply this payload")
+        self.applied.append((event.key.entity_id, event.sequence))
+
+    def of(self, entity_id: str) -> list[int]:
+        return [s for e, s in self.applied if e == entity_id]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    consumer: OrderedConsumer[sqlite3.Connection],
+) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield task
+    finally:
+        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
+
+
+def make_consumer(
+    nc: NatsClient, names: dict[str, str], tmp_path: Path, handler: Recorder, **settings: object
+) -> tuple[OrderedConsumer[sqlite3.Connection], SqlitePositionStore]:
+    store = SqlitePositionStore(tmp_path / "positions.db")
+    config = ConsumerConfig(stream=names["stream"], name="c", **settings)  # type: ignore[arg-type]
+    return OrderedConsumer(nc, config, store, handler, StaticAssignment(1, 0)), store
+
+
+async def test_duplicates_are_acked_and_skipped_and_a_gap_goes_to_the_dlq(
+    nc: NatsClient, names: dict[str, str], tmp_path: Path
+) -> None:
+    await create_stream(nc, names)
+    await publish(nc, names, [("a", 1, b""), ("a", 2, b""), ("a", 2, b""), ("a", 1, b"")])
+    await publish(nc, names, [("a", 3, b""), ("b", 1, b""), ("b", 2, b""), ("b", 4, b"")])
+    await publish(nc, names, [("b", 5, b""), ("c", 1, b"")])
+    handler = Recorder()
+    consumer, store = make_consumer(nc, names, tmp_path, handler, gap_wait=0.5, backoff=(0.1,))
+    dlq = consumer.config
+
+    async def settled() -> bool:
+        dead = await list_dead(nc, dlq.dlq_stream_name, dlq.dlq_subject_prefix)
+        return len(dead) == 2 and handler.of("c") == [1]
+
+    async with running(consumer):
+        await wait_for(settled, 30, "the gap and the blocked event in the DLQ")
+    assert handler.of("a") == [1, 2, 3]
+    assert handler.of("b") == [1, 2]
+    dead = await list_dead(nc, dlq.dlq_stream_name, dlq.dlq_subject_prefix)
+    assert [(d.key.entity_id, d.headers["Entity-Sequence"]) for d in dead] == [
+        ("b", "4"),
+        ("b", "5"),
+    ]
+    assert "gap: sequence 4 after applied 2" in dead[0].headers["Dlq-Reason"]
+    assert "blocked" in dead[1].headers["Dlq-Reason"]
+    assert [(b.key, b.sequence) for b in store.blocks()] == [(EntityKey("patient", "b"), 4)]
+    skipped = consumer.metrics.events.labels("skipped")._value.get()
+    assert skipped == 2
+
+
+async def test_a_gap_with_the_fail_policy_stops_the_consumer_loudly(
+    nc: NatsClient, names: dict[str, str], tmp_path: Path
+) -> None:
+    await create_stream(nc, names)
+    await publish(nc, names, [("a", 1, b""), ("a", 3, b"")])
+    handler = Recorder()
+    consumer, _ = make_consumer(
+        nc, names, tmp_path, handler, gap_wait=0.3, gap_policy=GapPolicy.FAIL, backoff=(0.1,)
+    )
+    with pytest.raises(GapError, match="sequence 3 after applied 1"):
+        await asyncio.wait_for(consumer.run(), 30)
+    assert handler.of("a") == [1]

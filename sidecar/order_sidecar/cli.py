@@ -15,6 +15,7 @@ from .bench import BenchConfig, format_rows, run_bench, write_json
 from .benchsuite import format_suite, run_suite, write_suite_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .demo import DemoConfig, run_demo
+from .dlq_cli import add_dlq_parser, run_dlq
 from .errors import SidecarError
 from .logs import setup_logging
 from .status import StatusConfig, fetch_status, format_status
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask a running sidecar (GetStatus) and print its state.",
     )
     add_arguments(status, StatusConfig)
+    add_dlq_parser(commands)
     return parser
 
 
@@ -77,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(serve_config.log_level, serve_config.log_format)
             asyncio.run(SidecarApp(serve_config).run())
             return 0
+        if args.command == "dlq":
+            return run_dlq(args)
         if args.command == "status":
             status_config = from_sources(StatusConfig, args, os.environ)
             reply = asyncio.run(fetch_status(status_config.target))

@@ -4,6 +4,7 @@ and the apply-order check (the project's OrderChecker over the replica's apply l
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import sys
 import time
@@ -125,10 +126,17 @@ def check_applies(applies: Iterable[tuple[str, str, int]]) -> TypeReport:
     return total
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Await *condition* until true; fail with *what* after *timeout* seconds."""
+async def wait_for(
+    condition: Callable[[], Awaitable[bool] | bool], timeout: float, what: str
+) -> None:
+    """Poll *condition* (sync or async) until true; fail with *what* after *timeout* s."""
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while not await _holds(condition):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def _holds(condition: Callable[[], Awaitable[bool] | bool]) -> bool:
+    result = condition()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)

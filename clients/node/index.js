@@ -1,0 +1,244 @@
+'use strict';
+/**
+ * Node.js client of nats-order-sidecar: a small typed wrapper (see index.d.ts) over the
+ * gRPC contract in proto/ordersidecar/v1/sidecar.proto, loaded at run time.
+ *
+ *   const { SidecarClient } = require('@nats-order-sidecar/client');
+ *   const sidecar = new SidecarClient('127.0.0.1:50051');
+ *   const result = await sidecar.publish({ entityType: 'patient', entityId: '42',
+ *                                          operation: 'create', payload: '{"name":"Ada"}' });
+ *   console.log(result.sequence, result.subject); // 1n events.patient.3.42
+ *
+ * Every call has a deadline. A refused or failed call rejects with a SidecarError that
+ * carries the gRPC status code (`code`, `codeName`); see the proto for what each means.
+ * Transient failures (UNAVAILABLE, ABORTED) are retried with the event's idempotency
+ * key, which is made once per publish() call, so a retried event lands once.
+ */
+
+const crypto = require('node:crypto');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+/** The repository's contract, two folders up; override with options.protoPath. */
+const DEFAULT_PROTO = path.resolve(__dirname, '..', '..', 'proto', 'ordersidecar', 'v1', 'sidecar.proto');
+
+const OPERATIONS = {
+  create: 'OPERATION_CREATE',
+  update: 'OPERATION_UPDATE',
+  delete: 'OPERATION_DELETE',
+};
+
+/** gRPC status codes that a retry with the same idempotency key may get past. */
+const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.ABORTED]);
+
+const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+/** A refused or failed call: `code` is the gRPC status code, `codeName` its name. */
+class SidecarError extends Error {
+  constructor(code, message) {
+    const codeName = CODE_NAMES[code] || `CODE_${code}`;
+    super(`${codeName}: ${message}`);
+    this.name = 'SidecarError';
+    this.code = code;
+    this.codeName = codeName;
+    this.details = message;
+  }
+
+  /** Whether sending the same event again (same idempotency key) may succeed. */
+  get retryable() {
+    return RETRYABLE.has(this.code);
+  }
+
+  static fromGrpc(error) {
+    if (error instanceof SidecarError) return error;
+    const code = typeof error.code === 'number' ? error.code : grpc.status.UNKNOWN;
+    return new SidecarError(code, error.details || error.message || String(error));
+  }
+}
+
+const serviceCache = new Map();
+
+function loadService(protoPath) {
+  if (!serviceCache.has(protoPath)) {
+    const definition = protoLoader.loadSync(protoPath, {
+      keepCase: false,
+      longs: String, // uint64 arrives as a decimal string; the wrapper turns it into BigInt
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
+    serviceCache.set(protoPath, grpc.loadPackageDefinition(definition).ordersidecar.v1.Sidecar);
+  }
+  return serviceCache.get(protoPath);
+}
+
+function toRequest(event, leaseId) {
+  if (!event || typeof event !== 'object') throw new TypeError('event must be an object');
+  const operation = OPERATIONS[String(event.operation || '').toLowerCase()];
+  if (!operation) {
+    throw new TypeError(`operation ${JSON.stringify(event.operation)} is not one of create, update, delete`);
+  }
+  const request = {
+    entityType: event.entityType,
+    entityId: event.entityId,
+    operation,
+    payload: typeof event.payload === 'string' ? Buffer.from(event.payload) : Buffer.from(event.payload || []),
+    headers: { ...(event.headers || {}) },
+    idempotencyKey: event.idempotencyKey || crypto.randomUUID(),
+    leaseId: leaseId || event.leaseId || '',
+  };
+  // proto3 `optional`: set only when given, so 0 ("no event yet") is sent as a value.
+  if (event.expectedSequence !== undefined && event.expectedSequence !== null) {
+    request.expectedSequence = String(event.expectedSequence);
+  }
+  if (event.entityVersion !== undefined && event.entityVersion !== null) {
+    request.entityVersion = String(event.entityVersion);
+  }
+  return request;
+}
+
+function toPublished(response) {
+  return {
+    sequence: BigInt(response.sequence),
+    streamSequence: BigInt(response.streamSequence),
+    subject: response.subject,
+    duplicate: Boolean(response.duplicate),
+  };
+}
+
+function toLease(reply) {
+  const seconds = (duration) => Number(duration?.seconds || 0) + (duration?.nanos || 0) / 1e9;
+  return {
+    leaseId: reply.leaseId,
+    entityType: reply.entityType,
+    entityId: reply.entityId,
+    fencingToken: BigInt(reply.fencingToken),
+    lastVersion: reply.lastVersion === undefined || reply.lastVersion === null ? null : BigInt(reply.lastVersion),
+    expiresAt: new Date(seconds(reply.expiresAt) * 1000),
+    ttlMs: Math.round(seconds(reply.ttl) * 1000),
+  };
+}
+
+function toDuration(ms) {
+  const whole = Math.floor(ms / 1000);
+  return { seconds: String(whole), nanos: Math.round((ms - whole * 1000) * 1e6) };
+}
+
+const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+class SidecarClient {
+  /**
+   * @param {string} [target] the sidecar, host:port (normally the one on localhost)
+   * @param {import('./index').ClientOptions} [options]
+   */
+  constructor(target = '127.0.0.1:50051', options = {}) {
+    const Service = loadService(options.protoPath || DEFAULT_PROTO);
+    this.target = target;
+    this.deadlineMs = options.deadlineMs ?? 10_000;
+    this.attempts = Math.max(1, options.attempts ?? 4);
+    this.backoffMs = options.backoffMs ?? 50;
+    this.stub = new Service(target, options.credentials || grpc.credentials.createInsecure(), options.channelOptions);
+  }
+
+  _call(method, request, deadlineMs) {
+    const deadline = new Date(Date.now() + (deadlineMs ?? this.deadlineMs));
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, { deadline }, (error, reply) => {
+        if (error) reject(SidecarError.fromGrpc(error));
+        else resolve(reply);
+      });
+    });
+  }
+
+  async _retrying(method, request, options = {}) {
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        return await this._call(method, request, options.deadlineMs);
+      } catch (error) {
+        if (!error.retryable || attempt >= this.attempts) throw error;
+        // Full jitter, so replicas that failed together do not retry together.
+        await delay(Math.random() * this.backoffMs * 2 ** (attempt - 1));
+      }
+    }
+  }
+
+  /** Publish one event; resolves to where it is in the stream. */
+  async publish(event, options = {}) {
+    const request = toRequest(event, options.leaseId);
+    return toPublished(await this._retrying('Publish', request, options));
+  }
+
+  /**
+   * Publish many events in one call; each entity's events in the order given. Resolves to
+   * one result per event, in order: `{ ok: true, published }` or `{ ok: false, error }`.
+   * Rejects only when the call as a whole fails.
+   */
+  async publishBatch(events, options = {}) {
+    const request = { events: events.map((event) => toRequest(event)) };
+    const reply = await this._retrying('PublishBatch', request, options);
+    if (reply.results.length !== events.length) {
+      throw new SidecarError(grpc.status.INTERNAL, `sidecar answered ${reply.results.length} results for ${events.length} events`);
+    }
+    return reply.results.map((result) =>
+      result.code === 0
+        ? { ok: true, published: toPublished(result.response) }
+        : { ok: false, error: new SidecarError(result.code, result.message) },
+    );
+  }
+
+  /**
+   * Take the entity's lock for the caller (e.g. across a database transaction). Rejects
+   * with ABORTED when the entity stayed locked for the whole wait. Not retried: a lease
+   * that may have been granted unseen would block the entity until its TTL ran out.
+   */
+  async acquireLease(entityType, entityId, options = {}) {
+    const ttlMs = options.ttlMs ?? 10_000;
+    const waitMs = options.waitMs ?? 5_000;
+    const request = { entityType, entityId, ttl: toDuration(ttlMs), waitTimeout: toDuration(waitMs) };
+    return toLease(await this._call('AcquireLease', request, options.deadlineMs ?? waitMs + this.deadlineMs));
+  }
+
+  /** Extend a lease by its TTL; FAILED_PRECONDITION when it already expired or was lost. */
+  async renewLease(leaseId, options = {}) {
+    return toLease(await this._call('RenewLease', { leaseId }, options.deadlineMs));
+  }
+
+  /** Give a lease up; NOT_FOUND for an unknown, expired or released lease. */
+  async releaseLease(leaseId, options = {}) {
+    await this._call('ReleaseLease', { leaseId }, options.deadlineMs);
+  }
+
+  /**
+   * Run `work(lease)` holding the entity's lease, then release it (also when work throws).
+   * Publish under it with `client.publish(event, { leaseId: lease.leaseId })`.
+   */
+  async withLease(entityType, entityId, work, options = {}) {
+    const lease = await this.acquireLease(entityType, entityId, options);
+    try {
+      return await work(lease);
+    } finally {
+      await this.releaseLease(lease.leaseId).catch(() => {
+        // Expired or lost already: nothing left to give up.
+      });
+    }
+  }
+
+  /** The sidecar's state (GetStatus), as the proto's SidecarStatus in camelCase. */
+  async status(options = {}) {
+    return this._call('GetStatus', {}, options.deadlineMs);
+  }
+
+  /** Resolve once the channel is connected, or reject after `timeoutMs`. */
+  waitForReady(timeoutMs = 10_000) {
+    return new Promise((resolve, reject) => {
+      this.stub.waitForReady(new Date(Date.now() + timeoutMs), (error) => (error ? reject(error) : resolve()));
+    });
+  }
+
+  close() {
+    this.stub.close();
+  }
+}
+
+module.exports = { SidecarClient, SidecarError, DEFAULT_PROTO, status: grpc.status };

@@ -84,7 +84,7 @@ async def test_node_client_publishes_in_order(
     results_file = tmp_path / "node-results.json"
     result = run_node(
         node,
-        ["--test", "test/client.test.js"],
+        ["--test", "--test-reporter=tap", "test/client.test.js"],
         {
             "SIDECAR_TARGET": sidecar.target,
             "SIDECAR_TEST_ID": run_id,

@@ -75,10 +75,15 @@ async def test_counters_move_with_outcomes(app: SidecarApp) -> None:
     }
     assert results == {"ok": 1, "duplicate": 1, "invalid": 1, "stale": 1}
     assert values[("ordersidecar_rpc_seconds_count", (("outcome", "ok"), ("rpc", "Publish")))] == 2
-    held = ("ordersidecar_locks_held", (("backend", "redis"),))
-    assert values[held] == 0
     assert values[("ordersidecar_build_info", (("version", "0.1.0"),))] == 1
     assert not any("entity_id" in dict(labels) for _, labels in values)
+    # The entity's lock lingers for its next event, then is let go.
+    held = ("ordersidecar_locks_held", (("backend", "redis"),))
+    assert values[held] == 1
+    deadline = time.monotonic() + app.config.lock_linger + 5
+    while samples(scrape(app.metrics_port))[held] != 0:
+        assert time.monotonic() < deadline, "the lingering lock was never let go"
+        await asyncio.sleep(0.05)
 
 
 async def test_contention_is_counted(serve_config: ServeConfig) -> None:

@@ -271,6 +271,9 @@ async def test_cancelled_waiter_does_not_leave_the_lock_held(
             await queued
         assert not entered.is_set()
         assert gates.busy_entities == 0
+        # The lock lingers for the entity's next event, then is let go (not renewed on).
+        deadline = serve_config.lock_linger + 5
+        await _until(lambda: gates.lingering == 0, deadline)
         assert not await redis.exists(f"redlock:ordersidecar:{key}")
     finally:
         await redis.aclose()

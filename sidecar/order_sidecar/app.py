@@ -119,7 +119,13 @@ class SidecarApp:
         stream = EventStream(self._nc, cfg)
         await stream.ensure_stream()
         locks = self._locks = InstrumentedLocks(await self._open_locks(self._nc), self.metrics)
-        policy = LockPolicy(cfg.lock_ttl, cfg.lock_wait, cfg.on_lock_unavailable == "reject")
+        policy = LockPolicy(
+            cfg.lock_ttl,
+            cfg.lock_wait,
+            cfg.on_lock_unavailable == "reject",
+            linger=cfg.lock_linger,
+            hints=cfg.position_hints,
+        )
         self.publisher = Publisher(
             stream,
             EntityGates(locks, policy),
@@ -257,6 +263,7 @@ class SidecarApp:
         if self._server is not None:
             await self._server.stop(0)
         if self.publisher is not None:
+            await self.publisher._gates.close()
             await self.publisher.leases.release_all()
         if self._locks is not None:
             await self._locks.close()

@@ -78,6 +78,16 @@ class ServeConfig(NatsOptions):
     )
     lock_ttl: float = option(10.0, "seconds a lock lives unless renewed (renewed at ttl/3)")
     lock_wait: float = option(5.0, "seconds to wait for another sidecar's entity lock")
+    lock_linger: float = option(
+        1.0,
+        "seconds an idle entity's lock is kept for its next event (handed over at once "
+        "when another sidecar waits; 0 releases at once)",
+    )
+    position_hints: int = option(
+        100_000,
+        "entities whose last position is remembered to skip a read (checked by the "
+        "broker's fencing; 0 turns it off)",
+    )
     on_lock_unavailable: str = option(
         "fence",
         "when the lock backend is down: 'fence' publishes on, order kept by the broker's "
@@ -127,6 +137,8 @@ class ServeConfig(NatsOptions):
                 _bad("redis_url", url, "a redis://, rediss:// or unix:// URL")
         check_range("lock_ttl", self.lock_ttl, 0.5, 3600.0)
         check_range("lock_wait", self.lock_wait, 0.0, 3600.0)
+        check_range("lock_linger", self.lock_linger, 0.0, self.lock_ttl / 2)
+        check_range("position_hints", self.position_hints, 0, 10_000_000)
         if self.on_lock_unavailable not in _LOCK_UNAVAILABLE_POLICIES:
             _bad("on_lock_unavailable", self.on_lock_unavailable, "'fence' or 'reject'")
         check_range("max_batch", self.max_batch, 1, 100_000)

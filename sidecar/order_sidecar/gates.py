@@ -2,7 +2,9 @@
 
 A sidecar never contends with itself: its own requests for an entity wait in the
 gate's FIFO mutex, and only the gate talks to the lock backend. The lock is kept
-while requests are queued (and renewed at ttl/3), and given up when the gate idles.
+while requests are queued (and renewed at ttl/3) and for ``linger`` seconds after the
+gate idles, so an entity written again soon pays no lock round trip. It is handed over
+at once, after the request in progress, when another sidecar says it waits for it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .errors import Contention, LockBackendUnavailable
+from .hints import PositionHints
 from .locks.base import Lease, LockBackend
 from .logs import entity_type_of
 from .stream import EntityPosition
@@ -36,6 +39,11 @@ class EntityGate:
     renewer: asyncio.Task[None] | None = None
     # Trusted only while the lease is held; the broker's fencing check catches the rest.
     position: EntityPosition | None = None
+    #: The position is a guess from before this lease (a stale one is refused, not wrong).
+    guessed: bool = False
+    #: Another sidecar waits for the lock: give it up after the request in progress.
+    wanted: bool = False
+    linger: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -45,6 +53,12 @@ class LockPolicy:
     ttl: float
     wait: float
     reject_when_unavailable: bool
+    #: Seconds an idle gate keeps its lock (0: give it up at once).
+    linger: float = 0.0
+    #: Positions remembered after gates are let go (0: none).
+    hints: int = 0
+    #: Seconds a lock is kept, while busy, after another sidecar asks for it.
+    hand_over_after: float = 0.01
 
 
 class EntityGates:
@@ -54,41 +68,115 @@ class EntityGates:
         self._backend = backend
         self._policy = policy
         self._gates: dict[str, EntityGate] = {}
+        self._hints = PositionHints(policy.hints)
         self._backend_down_until = 0.0
+        self._letting_go: set[asyncio.Task[None]] = set()
+        backend.on_wanted(self._hand_over)
 
     @property
     def busy_entities(self) -> int:
         """Entities with a request in flight or queued."""
-        return len(self._gates)
+        return sum(1 for gate in self._gates.values() if gate.users)
+
+    @property
+    def lingering(self) -> int:
+        """Idle entities whose lock is kept for a while."""
+        return sum(1 for gate in self._gates.values() if not gate.users)
+
+    @property
+    def hinted(self) -> int:
+        """Entities whose last position is remembered."""
+        return len(self._hints)
 
     @property
     def waiting(self) -> int:
         """Requests queued behind another of the same entity."""
-        return sum(gate.users for gate in self._gates.values()) - len(self._gates)
+        return sum(max(0, gate.users - 1) for gate in self._gates.values())
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[EntityGate]:
         """Hold *key*'s gate: requests of one entity pass one at a time, first come first."""
         gate = self._gates.get(key)
         if gate is None:
-            gate = self._gates[key] = EntityGate(key)
+            gate = self._gates[key] = self._new_gate(key)
         gate.users += 1
+        if gate.linger is not None:
+            gate.linger.cancel()
+            gate.linger = None
         try:
             async with gate.mutex:
                 try:
                     yield gate
                 finally:
-                    if gate.users == 1:
+                    if self._should_hand_over(gate):
+                        await self._let_go(gate, keep_position=gate.users > 1)
+                    elif gate.users == 1 and not self._may_linger(gate):
                         await self._let_go(gate)
         finally:
             gate.users -= 1
             if gate.users == 0:
-                if self._gates.get(key) is gate:
-                    del self._gates[key]
-                # A waiter cancelled after the holder handed over to it must not leave
-                # the lock held (and renewed) by a gate nobody can reach any more.
-                if gate.lease is not None or gate.renewer is not None:
-                    await self._let_go(gate)
+                await self._idle(gate)
+
+    async def close(self) -> None:
+        """Give up every lingering lock (at shutdown, once requests are done)."""
+        for gate in list(self._gates.values()):
+            if not gate.users:
+                self._forget(gate)
+                await self._let_go(gate)
+        if self._letting_go:
+            await asyncio.gather(*self._letting_go, return_exceptions=True)
+
+    def _new_gate(self, key: str) -> EntityGate:
+        hint = self._hints.take(key)
+        return EntityGate(key, position=hint, guessed=hint is not None)
+
+    def _should_hand_over(self, gate: EntityGate) -> bool:
+        # Held a little while first, so a hot entity moves between sidecars in runs of
+        # events rather than paying a lock round trip per event.
+        lease = gate.lease
+        return (
+            gate.wanted
+            and lease is not None
+            and time.monotonic() - lease.started >= self._policy.hand_over_after
+        )
+
+    def _may_linger(self, gate: EntityGate) -> bool:
+        return self._policy.linger > 0 and gate.lease is not None and not gate.lease_lost
+
+    async def _idle(self, gate: EntityGate) -> None:
+        if self._may_linger(gate) and not gate.wanted and self._gates.get(gate.key) is gate:
+            gate.linger = asyncio.get_running_loop().call_later(
+                self._policy.linger, self._let_go_later, gate
+            )
+            return
+        self._forget(gate)
+        # Also covers a waiter cancelled after the holder handed over to it: the lock
+        # must not stay held (and renewed) by a gate nobody can reach any more.
+        await self._let_go(gate)
+
+    def _forget(self, gate: EntityGate) -> None:
+        if gate.linger is not None:
+            gate.linger.cancel()
+            gate.linger = None
+        if self._gates.get(gate.key) is gate:
+            del self._gates[gate.key]
+
+    def _hand_over(self, key: str) -> None:
+        """Another sidecar waits for *key*: give it up now if idle, else after this request."""
+        gate = self._gates.get(key)
+        if gate is None or gate.lease is None:
+            return  # not held here (our own notice, or one from before we got it)
+        gate.wanted = True
+        if not gate.users:
+            self._let_go_later(gate)
+
+    def _let_go_later(self, gate: EntityGate) -> None:
+        if gate.users:
+            return
+        self._forget(gate)
+        task = asyncio.create_task(self._let_go(gate))
+        self._letting_go.add(task)
+        task.add_done_callback(self._letting_go.discard)
 
     async def ensure_lease(self, gate: EntityGate, budget: float | None) -> None:
         """Hold the entity's distributed lock, unless the backend is down and we may fence.
@@ -97,8 +185,11 @@ class EntityGates:
         """
         if gate.lease is not None and not gate.lease_lost:
             return
+        if gate.lease_lost:
+            gate.position = None
         await self._drop_lease(gate)
-        gate.position = None
+        # Someone may have written the entity since: what we knew is a guess now.
+        gate.guessed = gate.position is not None
         if time.monotonic() < self._backend_down_until:
             self._on_backend_down(None)
             return
@@ -148,9 +239,15 @@ class EntityGates:
                 log.info("a lock was lost; it will be re-taken and the entity re-read")
                 return
 
-    async def _let_go(self, gate: EntityGate) -> None:
+    async def _let_go(self, gate: EntityGate, *, keep_position: bool = False) -> None:
+        """Give the lock up; the position stays on the gate (for its queued requests) or
+        goes to the hints, first, so a new gate for the entity finds it."""
+        gate.wanted = False
+        if not keep_position:
+            if gate.position is not None:
+                self._hints.remember(gate.key, gate.position)
+            gate.position = None
         await self._drop_lease(gate)
-        gate.position = None
 
     async def _drop_lease(self, gate: EntityGate) -> None:
         lease, renewer = gate.lease, gate.renewer

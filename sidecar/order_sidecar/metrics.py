@@ -209,6 +209,10 @@ class InstrumentedLocks:
         self._metrics.locks_held.labels(self.name).dec()
         await self._backend.release(lease)
 
+    def on_wanted(self, handler: Callable[[str], None]) -> None:
+        """Pass the handler to the wrapped backend."""
+        self._backend.on_wanted(handler)
+
     async def close(self) -> None:
         """Close the wrapped backend."""
         await self._backend.close()

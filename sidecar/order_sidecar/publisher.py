@@ -44,6 +44,8 @@ class PublishStats:
     published: int = 0
     duplicates: int = 0
     fenced: int = 0
+    #: Appends refused because a remembered position was stale (then re-read).
+    stale_guesses: int = 0
 
 
 class Publisher:
@@ -140,16 +142,22 @@ class Publisher:
                 fresh = gate.position is None and from_leader
                 if gate.position is None:
                     gate.position = await self.stream.position(subject, from_leader=from_leader)
+                    gate.guessed = False
                 if not fresh and _violates(event, gate.position):
                     # A refusal must rest on the stream leader's view: not on our cache,
                     # nor on a replica that may lag behind.
                     gate.position = await self.stream.position(subject, from_leader=True)
+                    gate.guessed = False
                 refusal = _precondition_result(event, gate.position, subject)
                 if refusal is not None:
                     return refusal
                 stored = await self.stream.append(subject, event, gate.position)
             except FencingConflict:
-                gate.position, from_leader = None, True
+                guessed = gate.guessed
+                gate.position, gate.guessed, from_leader = None, False, True
+                if guessed:
+                    self.stats.stale_guesses += 1
+                    continue  # our remembered position was stale: not a race, re-read
                 self.stats.fenced += 1
                 self._on_fenced()
                 log.info(
@@ -164,6 +172,7 @@ class Publisher:
                 gate.position = None
                 raise
             self._count(stored)
+            gate.guessed = False
             if not stored.duplicate:
                 gate.position = gate.position.after(stored, event)
             return stored

@@ -8,6 +8,7 @@ losing a race is a result (``None``), a backend that cannot answer raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,14 @@ class LockBackend(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Give *lease* up. Never raises for a lease that already expired."""
+        ...
+
+    def on_wanted(self, handler: Callable[[str], None]) -> None:
+        """Have *handler(key)* called when another sidecar starts waiting for *key*.
+
+        Best effort: a holder that hears it hands the lock over instead of keeping it
+        for its own next request; one that does not gives it up when it idles.
+        """
         ...
 
     async def healthy(self) -> bool:

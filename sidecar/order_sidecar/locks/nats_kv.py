@@ -9,6 +9,7 @@ every lock (``--lock-ttl`` when the sidecar creates the bucket). Needs nothing b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -18,12 +19,15 @@ import time
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from ..errors import ConfigError, LockBackendUnavailable
 from .base import Lease
+from .signals import LockSignals, Wakeup, WantedHandler
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,8 @@ MIN_SERVER = (2, 11)
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 MARKER_TTL = 60.0  # seconds a release's purge marker stays, so the bucket does not grow
 _FIRST_RETRY_DELAY = 0.005
-_MAX_RETRY_DELAY = 0.05
+# Waiters are woken by a "freed" notice; the poll covers expiries and missed notices.
+_MAX_RETRY_DELAY = 0.1
 # Failures that leave the lock's state unknown (no responders while the bucket elects a
 # leader, timeouts, a lost connection). Wrong-revision errors are caught before these.
 _UNREACHABLE = (nats.errors.Error, asyncio.TimeoutError)
@@ -43,13 +48,35 @@ class NatsKvLockBackend:
     name = "nats-kv"
 
     def __init__(
-        self, kv: KeyValue, js: JetStreamContext, bucket: str, fixed_ttl: float | None = None
+        self,
+        nc: NatsClient,
+        kv: KeyValue,
+        js: JetStreamContext,
+        bucket: str,
+        fixed_ttl: float | None = None,
     ) -> None:
+        self._nc = nc
         self._kv = kv
         self._js = js
         self._subject_prefix = f"$KV.{bucket}."
         #: Set on servers without per-key TTLs: every lock lives this long unless renewed.
         self.fixed_ttl = fixed_ttl
+        self._notice_subject = f"ordersidecar.lock-notices.{bucket}"
+        self._signals = LockSignals(self._send_notice)
+        self._subscription: Subscription | None = None
+
+    def on_wanted(self, handler: WantedHandler) -> None:
+        """Have *handler(key)* called when another sidecar starts waiting for *key*."""
+        self._signals.on_wanted(handler)
+
+    async def _send_notice(self, notice: bytes) -> None:
+        await self._nc.publish(self._notice_subject, notice)
+
+    async def _listen_for_notices(self) -> None:
+        async def received(msg: Msg) -> None:
+            self._signals.received(msg.data)
+
+        self._subscription = await self._nc.subscribe(self._notice_subject, cb=received)
 
     @classmethod
     async def open(
@@ -82,7 +109,7 @@ class NatsKvLockBackend:
                 )
             )
         if per_key_ttl:
-            return cls(kv, js, bucket)
+            return await cls._listening(nc, kv, js, bucket, None)
         max_age = (await js.stream_info(f"KV_{bucket}")).config.max_age
         if not max_age:
             raise ConfigError(
@@ -91,10 +118,28 @@ class NatsKvLockBackend:
                 "--lock-bucket, upgrade to nats-server 2.11+, or use --lock-backend redis"
             )
         log.info("nats-server %s: every lock lives %ss (bucket max age)", server, max_age)
-        return cls(kv, js, bucket, fixed_ttl=float(max_age))
+        return await cls._listening(nc, kv, js, bucket, float(max_age))
+
+    @classmethod
+    async def _listening(
+        cls,
+        nc: NatsClient,
+        kv: KeyValue,
+        js: JetStreamContext,
+        bucket: str,
+        fixed_ttl: float | None,
+    ) -> NatsKvLockBackend:
+        backend = cls(nc, kv, js, bucket, fixed_ttl)
+        await backend._listen_for_notices()
+        return backend
 
     async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
-        """Create the key if absent; retry with a short jittered backoff until *wait* ends."""
+        """Create the key if absent; retry until *wait* ends, woken when the holder
+        announces the lock free (or by a short jittered backoff)."""
+        with self._signals.waiting(key) as wakeup:
+            return await self._acquire(key, ttl, wait, wakeup)
+
+    async def _acquire(self, key: str, ttl: float, wait: float, wakeup: Wakeup) -> Lease | None:
         deadline = time.monotonic() + wait
         delay = _FIRST_RETRY_DELAY
         token = secrets.token_hex(16)
@@ -115,7 +160,9 @@ class NatsKvLockBackend:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+            # Asked again after each miss: with no queue, the holder may have won again.
+            await self._signals.announce_wanted(key)
+            await wakeup.wait(min(remaining, delay * random.uniform(0.5, 1.5)))
             delay = min(delay * 2, _MAX_RETRY_DELAY)
 
     async def renew(self, lease: Lease) -> bool:
@@ -152,7 +199,8 @@ class NatsKvLockBackend:
                 msg_ttl=self._msg_ttl(MARKER_TTL),
             )
         except (nats.js.errors.APIError, *_UNREACHABLE):
-            pass
+            return
+        await self._signals.announce_freed(lease.key)
 
     def _msg_ttl(self, ttl: float) -> float | None:
         # The server takes whole seconds; rounding up keeps the lock at least as long as
@@ -168,7 +216,10 @@ class NatsKvLockBackend:
         return True
 
     async def close(self) -> None:
-        """Nothing to close: the sidecar owns the NATS connection."""
+        """Stop listening for notices (the sidecar owns the NATS connection)."""
+        if self._subscription is not None:
+            with contextlib.suppress(*_UNREACHABLE):
+                await self._subscription.unsubscribe()
 
 
 def _kv_key(key: str) -> str:

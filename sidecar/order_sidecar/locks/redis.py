@@ -9,6 +9,8 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from pottery import AIORedlock
 from pottery.exceptions import ExtendUnlockedLock, QuorumIsImpossible, ReleaseUnlockedLock
@@ -20,13 +22,18 @@ from redis.exceptions import RedisError
 from ..errors import LockBackendUnavailable
 from .base import Lease
 from .fairqueue import FairQueue
+from .signals import LockSignals, WantedHandler
 
 log = logging.getLogger(__name__)
 # pottery logs a full traceback for every unreachable master; our own line says enough.
 logging.getLogger("pottery").setLevel(logging.CRITICAL)
 
 _FIRST_RETRY_DELAY = 0.005
-_MAX_RETRY_DELAY = 0.05
+# Waiters are woken by a "freed" notice; the poll only covers locks that expire or are
+# released by a sidecar that missed the "wanted" notice.
+_MAX_RETRY_DELAY = 0.1
+NOTICE_CHANNEL = "ordersidecar:lock-notices"
+_RESUBSCRIBE_AFTER = 1.0
 
 
 class RedisLockBackend:
@@ -38,39 +45,70 @@ class RedisLockBackend:
 
     name = "redis"
 
-    def __init__(self, urls: list[str], *, io_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        io_timeout: float = 1.0,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """*options*: more ``Redis.from_url`` arguments (credentials, TLS) for every master."""
         self._masters = [
             Redis.from_url(
                 url,
                 socket_connect_timeout=io_timeout,
                 socket_timeout=io_timeout,
                 retry=Retry(NoBackoff(), 0),
+                **(options or {}),
             )
             for url in urls
         ]
         self._queue = FairQueue(self._masters[0])
+        # Pub/sub holds its connection open between messages: no socket timeout there.
+        self._notices = Redis.from_url(
+            urls[0],
+            socket_connect_timeout=io_timeout,
+            retry=Retry(NoBackoff(), 0),
+            **(options or {}),
+        )
+        self._signals = LockSignals(self._send_notice)
+        self._listener: asyncio.Task[None] | None = None
+
+    def on_wanted(self, handler: WantedHandler) -> None:
+        """Have *handler(key)* called when another sidecar starts waiting for *key*."""
+        self._signals.on_wanted(handler)
 
     async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
-        """Try at once; if taken, queue up (first come, first served) until *wait* runs out."""
+        """Try at once; if taken, queue up (first come, first served) until *wait* runs
+        out, woken when the holder announces the lock free."""
+        self._listen_for_notices()
         deadline = time.monotonic() + wait
         delay = _FIRST_RETRY_DELAY
         waiter = uuid.uuid4().hex
         queued = False
-        try:
-            while True:
-                if await self._may_try(key, waiter, join=queued):
-                    lease = await self._try_once(key, ttl)
-                    if lease is not None:
-                        return lease
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                queued = True
-                await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-                delay = min(delay * 2, _MAX_RETRY_DELAY)
-        finally:
-            if queued:
-                await self._leave_queue(key, waiter)
+        with self._signals.waiting(key) as wakeup:
+            try:
+                while True:
+                    if await self._may_try(key, waiter, join=queued):
+                        lease = await self._try_once(key, ttl)
+                        if lease is not None:
+                            return lease
+                    if not queued:
+                        # Join the queue before asking the holder to hand over, so the
+                        # holder's own next request queues behind us.
+                        queued = True
+                        await self._may_try(key, waiter, join=True)
+                    # Asked after every miss: a notice sent while the holder was still
+                    # acquiring is ignored by it.
+                    await self._signals.announce_wanted(key)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    await wakeup.wait(min(remaining, delay * random.uniform(0.5, 1.5)))
+                    delay = min(delay * 2, _MAX_RETRY_DELAY)
+            finally:
+                if queued:
+                    await self._leave_queue(key, waiter)
 
     async def _may_try(self, key: str, waiter: str, *, join: bool) -> bool:
         try:
@@ -122,6 +160,8 @@ class RedisLockBackend:
             pass
         except (QuorumIsImpossible, RedisError, OSError) as error:
             log.warning("lock release failed (it will expire): %s", type(error).__name__)
+            return
+        await self._signals.announce_freed(lease.key)
 
     async def healthy(self) -> bool:
         """Whether a majority of masters answers PING."""
@@ -131,9 +171,36 @@ class RedisLockBackend:
         return sum(1 for answer in answers if answer is True) > len(self._masters) // 2
 
     async def close(self) -> None:
-        """Close every master's connection pool."""
+        """Stop listening for notices; close every master's connection pool."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._notices.aclose()
         for master in self._masters:
             await master.aclose()
+
+    async def _send_notice(self, notice: bytes) -> None:
+        await self._masters[0].publish(NOTICE_CHANNEL, notice)
+
+    def _listen_for_notices(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._notices.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(NOTICE_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._signals.received(message["data"])
+            except (RedisError, OSError) as error:
+                log.debug("lock notices interrupted (%s); resubscribing", type(error).__name__)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(_RESUBSCRIBE_AFTER)
 
 
 def _lock_of(lease: Lease) -> AIORedlock:

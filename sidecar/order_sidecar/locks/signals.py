@@ -1,0 +1,101 @@
+"""Lock notices between sidecars: "someone waits for this lock" and "this lock is free".
+
+Both are best-effort pushes over the backend's own pub/sub (Redis channels or core NATS
+subjects). A waiter that misses a notice still finds the lock by its fallback poll, and a
+holder that misses one gives the lock up when it idles; safety never rests on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+WANTED = b"wanted"
+FREED = b"freed"
+_SEPARATOR = b"\x00"
+#: Most keys remembered as wanted; a notice for a key we no longer hold is harmless.
+_MAX_WANTED = 100_000
+
+#: Told a key another sidecar waits for (it may or may not be held here).
+WantedHandler = Callable[[str], None]
+
+
+class Wakeup:
+    """What one waiter waits on: set when its lock is announced free."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait for a free notice up to *seconds*; True when one came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), seconds)
+        woken = self._event.is_set()
+        self._event.clear()
+        return woken
+
+    def set(self) -> None:
+        """Wake the waiter."""
+        self._event.set()
+
+
+class LockSignals:
+    """Local bookkeeping of lock notices; *send* puts one notice on the wire."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self._waiters: dict[str, set[Wakeup]] = {}
+        self._wanted: set[str] = set()
+        self._on_wanted: WantedHandler = lambda _key: None
+
+    def on_wanted(self, handler: WantedHandler) -> None:
+        """Have *handler(key)* called when another sidecar starts waiting for *key*."""
+        self._on_wanted = handler
+
+    @contextlib.contextmanager
+    def waiting(self, key: str) -> Iterator[Wakeup]:
+        """Register a waiter for *key* before trying it, so no free notice slips by."""
+        wakeup = Wakeup()
+        self._waiters.setdefault(key, set()).add(wakeup)
+        try:
+            yield wakeup
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(wakeup)
+                if not waiters:
+                    del self._waiters[key]
+
+    async def announce_wanted(self, key: str) -> None:
+        """Tell every sidecar that this one waits for *key*."""
+        await self._quietly(WANTED + _SEPARATOR + key.encode())
+
+    async def announce_freed(self, key: str) -> None:
+        """Tell waiters that *key* is free, when someone said it waits for it."""
+        if key in self._wanted:
+            self._wanted.discard(key)
+            await self._quietly(FREED + _SEPARATOR + key.encode())
+
+    def received(self, notice: bytes) -> None:
+        """Handle one notice from the wire (ours included)."""
+        kind, _, raw_key = notice.partition(_SEPARATOR)
+        key = raw_key.decode(errors="replace")
+        if kind == FREED:
+            for wakeup in self._waiters.get(key, ()):
+                wakeup.set()
+        elif kind == WANTED:
+            # Remembered even when no gate holds it: a lease RPC may hold it.
+            if len(self._wanted) >= _MAX_WANTED:
+                self._wanted.clear()
+            self._wanted.add(key)
+            self._on_wanted(key)
+
+    async def _quietly(self, notice: bytes) -> None:
+        try:
+            await self._send(notice)
+        except Exception as error:  # best effort by design: waiters fall back to polling
+            log.debug("lock notice not sent: %r", error)

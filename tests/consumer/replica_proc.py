@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -63,6 +64,7 @@ def main() -> int:
     CrashAfterCommitStore.crash_after = own.crash_after_commit
     store = replicate_sqlite.open_store(args.db, CrashAfterCommitStore)
     handler = FaultyHandler(args.replica_id, own.crash_in_handler)
+    logging.basicConfig(level="INFO", format=f"%(asctime)s {args.replica_id} %(message)s")
     print("starting", flush=True)
     metrics = asyncio.run(replicate_sqlite.run(args, handler, store))
     counts = {

@@ -15,7 +15,7 @@ from .assignment import Assignment
 from .breaker import CircuitBreaker
 from .config import ConsumerConfig
 from .dlq import DeadLetters, ensure_dlq_stream
-from .errors import ConsumerConfigError
+from .errors import ConsumerConfigError, ConsumerError
 from .positions import PositionStore, TxT
 from .worker import PartitionWorker, WorkerContext
 
@@ -72,8 +72,7 @@ class OrderedConsumer(Generic[TxT]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.assignment.interval)
         finally:
-            for partition in list(self._workers):
-                await self._stop_worker(partition)
+            await self._stop_workers(set(self._workers))
             await self.assignment.close()
 
     async def stop(self) -> None:
@@ -115,8 +114,7 @@ class OrderedConsumer(Generic[TxT]):
 
     async def _rebalance(self, ctx: WorkerContext[TxT], partitions: int) -> None:
         plan = await self.assignment.refresh(partitions)
-        for partition in set(self._workers) - plan.keep:
-            await self._stop_worker(partition)
+        await self._stop_workers(set(self._workers) - plan.keep)
         for partition in plan.surplus:
             await self.assignment.release(partition)
             log.info("released partition %d to balance replicas", partition)
@@ -131,15 +129,22 @@ class OrderedConsumer(Generic[TxT]):
         for partition, (_, task) in list(self._workers.items()):
             if task.done():
                 del self._workers[partition]
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, ConsumerError):
+                    raise error  # a policy said stop (GapError): fail loudly
+                if error is not None:
+                    # A NATS hiccup or a bug in one partition: log it; the next
+                    # rebalance restarts the partition from its durable consumer.
+                    log.error("partition %d worker failed: %r", partition, error)
 
-    async def _stop_worker(self, partition: int) -> None:
-        entry = self._workers.pop(partition, None)
-        if entry is None:
-            return
-        worker, task = entry
-        worker.stopping.set()
+    async def _stop_workers(self, partitions: set[int]) -> None:
+        # All at once: each may take up to a fetch timeout to notice.
+        entries = [self._workers.pop(p) for p in partitions if p in self._workers]
+        for worker, _ in entries:
+            worker.stopping.set()
+        await asyncio.gather(*(self._await_worker(w.partition, t) for w, t in entries))
+
+    async def _await_worker(self, partition: int, task: asyncio.Task[None]) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(task), self.config.fetch_timeout + 5.0)
         except TimeoutError:

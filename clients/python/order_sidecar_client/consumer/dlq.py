@@ -132,7 +132,7 @@ async def list_dead(nc: NatsClient, dlq_stream: str, prefix: str) -> list[DeadEn
         while True:
             try:
                 batch = await sub.fetch(200, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):
                 return found
             for msg in batch:
                 meta = msg.metadata

@@ -99,7 +99,7 @@ async def _read_subject(ctx: WorkerContext[Any], subject: str) -> AsyncIterator[
         while True:
             try:
                 batch = await sub.fetch(100, timeout=2.0)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):
                 return
             for msg in batch:
                 meta = msg.metadata

@@ -104,7 +104,7 @@ class PartitionWorker(Generic[TxT]):
     async def _fetch_one(self, sub: JetStreamContext.PullSubscription) -> None:
         try:
             messages = await sub.fetch(1, timeout=self._fetch_timeout())
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):
             return
         for msg in messages:
             if not self._may_fetch():
@@ -264,8 +264,8 @@ class PartitionWorker(Generic[TxT]):
 
     async def _take_replay_requests(self, replays: Any) -> None:
         try:
-            requests: list[Msg] = await replays.fetch(10, timeout=0.05)
-        except nats.errors.TimeoutError:
+            requests: list[Msg] = await replays.fetch(10, timeout=0.1)
+        except (TimeoutError, nats.errors.TimeoutError):
             return
         for request in requests:
             tail = ".".join(request.subject.split(".")[-3:])

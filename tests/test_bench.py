@@ -59,6 +59,7 @@ def test_bench_suite_measures_everything_side_by_side(tmp_path: Path) -> None:
             "--suite-payloads=256",
             "--suite-entities=1",
             "--batch-size=20",
+            "--suite-rss-entities=300",
             f"--json-out={out}",
         ],
         capture_output=True,
@@ -67,7 +68,14 @@ def test_bench_suite_measures_everything_side_by_side(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
+    memory = saved["memory"]
+    assert memory["entities"] == 300 and memory["failed"] == 0
+    # Per-entity state is let go once idle: no lock kept, no entity busy.
+    assert memory["locks_held_idle"] == 0 and memory["entities_busy_idle"] == 0
+    assert 0 < memory["rss_start_mb"] <= memory["rss_loaded_mb"]
+    assert "memory of one sidecar (T5)" in result.stdout
     modes = [(r["setting"], r["mode"]) for r in rows]
     assert ("256 B", "raw publish_async, 64 in flight") in modes
     assert ("256 B", "grpc.aio echo, 64 in flight") in modes

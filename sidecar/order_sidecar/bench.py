@@ -40,6 +40,10 @@ class BenchConfig:
     )
     suite_payloads: str = option("256,10240", "payload sizes of the suite, comma-separated")
     suite_entities: str = option("1,100,10000", "entity counts of the suite, comma-separated")
+    suite_rss_entities: int = option(
+        100_000, "with --suite: new entities written before a sidecar's RSS is read (0 skips)"
+    )
+    chart: str = option("", "with --suite: also draw the table to this PNG (needs matplotlib)")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid option."""
@@ -48,6 +52,7 @@ class BenchConfig:
         check_range("concurrency", self.concurrency, 1, 10_000)
         check_range("batch_size", self.batch_size, 1, 100_000)
         check_range("payload_bytes", self.payload_bytes, 0, 64 * 1024 * 1024)
+        check_range("suite_rss_entities", self.suite_rss_entities, 0, 10_000_000)
         for name in ("suite_payloads", "suite_entities"):
             if not all(p.strip().isdigit() for p in getattr(self, name).split(",")):
                 raise ConfigError(f"--{name.replace('_', '-')} must be comma-separated numbers")

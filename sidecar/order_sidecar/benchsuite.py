@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import nats
@@ -30,6 +31,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .bench import BenchConfig, BenchRow, _percentile, run_bench
 from .embedded import EmbeddedNats, _free_port
+
+if TYPE_CHECKING:
+    from .benchrss import RssReport
 
 ECHO_METHOD = "/ordersidecar.bench.Echo/Echo"
 
@@ -188,9 +192,12 @@ async def start_sidecars(url: str, count: int, name: str) -> list[Child]:
 
 async def run_suite(
     config: BenchConfig, payloads: list[int], entity_counts: list[int]
-) -> list[SuiteRow]:
-    """Every mode, side by side, on one NATS server."""
+) -> tuple[list[SuiteRow], RssReport | None]:
+    """Every mode, side by side, on one NATS server; then the memory check."""
+    from .benchrss import measure_rss  # it builds on this module
+
     rows: list[SuiteRow] = []
+    memory = None
     with tempfile.TemporaryDirectory(prefix="order-sidecar-bench-") as scratch:
         server = EmbeddedNats(Path(scratch))
         url = await server.start()
@@ -200,10 +207,13 @@ async def run_suite(
             await echo.wait_ready(health=False)
             for payload in payloads:
                 rows.extend(await _one_payload(config, url, echo.target, payload, entity_counts))
+            if config.suite_rss_entities:
+                _progress(f"memory: {config.suite_rss_entities} new entities, 1 sidecar")
+                memory = await measure_rss(url, config.suite_rss_entities)
         finally:
             echo.stop()
             server.stop()
-    return rows
+    return rows, memory
 
 
 async def _one_payload(
@@ -278,11 +288,16 @@ def format_suite(rows: list[SuiteRow]) -> str:
     )
 
 
-def write_suite_json(path: str, rows: list[SuiteRow]) -> None:
-    """Save the suite's rows."""
+def write_suite_json(path: str, rows: list[SuiteRow], memory: RssReport | None) -> None:
+    """Save the suite's rows and memory check."""
     with open(path, "w") as out:
         json.dump(
-            [{"setting": r.setting, "ratio": r.ratio, **asdict(r.row)} for r in rows], out, indent=2
+            {
+                "rows": [{"setting": r.setting, "ratio": r.ratio, **asdict(r.row)} for r in rows],
+                "memory": asdict(memory) if memory is not None else None,
+            },
+            out,
+            indent=2,
         )
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from . import __version__
 from .app import SidecarApp, connect_nats
 from .bench import BenchConfig, format_rows, run_bench, write_json
+from .benchchart import draw_chart
+from .benchrss import format_rss
 from .benchsuite import format_suite, run_suite, write_suite_json
 from .config import ServeConfig, VerifyConfig, add_arguments, from_sources
 from .demo import DemoConfig, run_demo
@@ -108,13 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _suite(config: BenchConfig) -> int:
-    rows = asyncio.run(
+    rows, memory = asyncio.run(
         run_suite(config, config.numbers("suite_payloads"), config.numbers("suite_entities"))
     )
     print(format_suite(rows))
+    if memory is not None:
+        print(f"\nmemory of one sidecar (T5)\n{format_rss(memory)}")
     if config.json_out:
-        write_suite_json(config.json_out, rows)
-    return 1 if any(item.row.failed for item in rows) else 0
+        write_suite_json(config.json_out, rows, memory)
+    if config.chart:
+        draw_chart(config.chart, rows)
+    failed = any(item.row.failed for item in rows) or bool(memory and memory.failed)
+    return 1 if failed else 0
 
 
 async def _verify(config: VerifyConfig) -> int:

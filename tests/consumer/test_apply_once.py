@@ -16,6 +16,7 @@ from order_sidecar_client.consumer import (
     EntityKey,
     GapError,
     GapPolicy,
+    Handler,
     OrderedConsumer,
     SqlitePositionStore,
     StaticAssignment,
@@ -57,7 +58,11 @@ async def running(
 
 
 def make_consumer(
-    nc: NatsClient, names: dict[str, str], tmp_path: Path, handler: Recorder, **settings: object
+    nc: NatsClient,
+    names: dict[str, str],
+    tmp_path: Path,
+    handler: Handler[sqlite3.Connection],
+    **settings: object,
 ) -> tuple[OrderedConsumer[sqlite3.Connection], SqlitePositionStore]:
     store = SqlitePositionStore(tmp_path / "positions.db")
     config = ConsumerConfig(stream=names["stream"], name="c", **settings)  # type: ignore[arg-type]

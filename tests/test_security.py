@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -117,10 +118,10 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     target = mtls_app.target
     async with AsyncSidecarClient(target, ONCE, tls_ca=pki.ca) as no_cert:
         assert await publish_code(no_cert, "no-cert") == grpc.StatusCode.UNAVAILABLE
-    foreign = {"tls_cert": other_pki.client_cert, "tls_key": other_pki.client_key}
+    foreign: dict[str, Any] = {"tls_cert": other_pki.client_cert, "tls_key": other_pki.client_key}
     async with AsyncSidecarClient(target, ONCE, tls_ca=pki.ca, **foreign) as stranger:
         assert await publish_code(stranger, "foreign-cert") == grpc.StatusCode.UNAVAILABLE
-    mine = {"tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    mine: dict[str, Any] = {"tls_cert": pki.client_cert, "tls_key": pki.client_key}
     async with AsyncSidecarClient(target, ONCE, tls_ca=pki.ca, **mine) as client:
         assert await publish_code(client, "with-cert") == grpc.StatusCode.OK
     assert await message_count(nc, mtls_app.config.stream) == 1
@@ -139,7 +140,11 @@ async def test_sync_client_speaks_mutual_tls_with_a_token(
         auth_token_file=str(token_file),
     )
     sidecar = await started(config)
-    files = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    files: dict[str, Any] = {
+        "tls_ca": pki.ca,
+        "tls_cert": pki.client_cert,
+        "tls_key": pki.client_key,
+    }
 
     def publish(token: str | None) -> grpc.StatusCode:
         with SidecarClient(sidecar.target, ONCE, token=token, **files) as client:
@@ -180,7 +185,7 @@ async def test_token_guards_every_rpc_but_health(token_app: SidecarApp, nc: Nats
 
 
 def every_rpc(
-    stub: sidecar_pb2_grpc.SidecarStub, metadata: tuple[tuple[str, str], ...]
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, metadata: tuple[tuple[str, str], ...]
 ) -> dict[str, Callable[[], Awaitable[object]]]:
     """One call of each RPC (unary and streaming) with *metadata*, each OK with the token."""
 

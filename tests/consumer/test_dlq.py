@@ -55,9 +55,20 @@ async def test_poison_event_goes_to_the_dlq_and_replay_re_drives_it(
         assert listed[0]["deliveries"] == "3"
         poison_calls = handler.calls
 
+        # Replayed before the fix: p#2 fails again, is dead-lettered again, p stays blocked.
+        await dlq_cli(url, names["stream"], "replay", "--entity-id=p")
+
+        async def dead_again() -> bool:
+            dead = await list_dead(nc, config.dlq_stream_name, config.dlq_subject_prefix)
+            return [d.headers["Dlq-Reason"][:7] for d in dead] == ["replay:"]
+
+        await wait_for(dead_again, 30, "p#2 dead-lettered again by the failed replay")
+        assert [(b.key.entity_id, b.sequence) for b in store.blocks()] == [("p", 2)]
+        assert handler.of("p") == [1]
+
         handler.poison = None  # the handler is fixed
         out = await dlq_cli(url, names["stream"], "replay", "--entity-id=p")
-        assert "replay requested for 1 entities (2 dead events)" in out
+        assert "replay requested for 1 entities (1 dead events)" in out
         await wait_for(lambda: handler.of("p") == [1, 2, 3], 30, "p re-driven")
         await wait_for(lambda: dead_count(0), 10, "the DLQ purged of p")
     assert store.blocks() == []

@@ -79,8 +79,11 @@ class DeadLetters:
         self._dlq_stream = dlq_stream
         self._prefix = prefix
 
-    async def publish(self, event: EntityEvent, reason: str, consumer: str) -> None:
-        """Copy *event* to the DLQ with *reason*; deduplicated per stream sequence."""
+    async def publish(
+        self, event: EntityEvent, reason: str, consumer: str, round_: str = ""
+    ) -> None:
+        """Copy *event* to the DLQ with *reason*; deduplicated per stream sequence and
+        *round_* (a replay's own id, so a copy purged by a replay can be written again)."""
         headers = {
             (ORIGINAL_PREFIX + k if k.lower().startswith("nats-") else k): v
             for k, v in event.headers.items()
@@ -93,7 +96,7 @@ class DeadLetters:
             HEADER_DELIVERIES: str(event.deliveries),
             HEADER_CONSUMER: consumer,
             HEADER_TIME: f"{time.time():.3f}",
-            "Nats-Msg-Id": f"dead:{self._stream}:{event.stream_sequence}",
+            "Nats-Msg-Id": f"dead:{self._stream}:{event.stream_sequence}:{round_}",
         }
         tail = ".".join(event.subject.split(".")[-3:])
         await self._js.publish(f"{self._prefix}.dead.{tail}", event.payload, headers=headers)

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 async def redrive_entity(
-    ctx: WorkerContext[Any], tail: str, headers: Mapping[str, str], may_go_on: Callable[[], bool]
+    ctx: WorkerContext[Any],
+    tail: str,
+    headers: Mapping[str, str],
+    may_go_on: Callable[[], bool],
+    round_: str,
 ) -> bool:
     """Re-drive the entity at ``{prefix}.{tail}``; False if it must be retried later."""
     key = EntityKey(headers.get(HEADER_ENTITY_TYPE, ""), headers.get(HEADER_ENTITY_ID, ""))
@@ -38,14 +42,14 @@ async def redrive_entity(
     async for event in _read_subject(ctx, f"{ctx.prefix}.{tail}"):
         if not may_go_on():
             return False
-        if not await _apply_with_retries(ctx, event, may_go_on):
+        if not await _apply_with_retries(ctx, event, may_go_on, round_):
             return True  # dead-lettered and blocked again: the request itself is done
     log.info("re-drove %s/%s", key.entity_type, key.entity_id)
     return True
 
 
 async def _apply_with_retries(
-    ctx: WorkerContext[Any], event: EntityEvent, may_go_on: Callable[[], bool]
+    ctx: WorkerContext[Any], event: EntityEvent, may_go_on: Callable[[], bool], round_: str
 ) -> bool:
     """Apply one re-read event; False when it was dead-lettered (the re-drive stops)."""
     settings = ctx.settings
@@ -63,18 +67,20 @@ async def _apply_with_retries(
             if attempt < settings.max_deliveries and may_go_on():
                 await asyncio.sleep(settings.delay_after(attempt))
                 continue
-            await _dead_letter(ctx, event, f"replay: max deliveries reached: {error!r}")
+            await _dead_letter(ctx, event, f"replay: max deliveries reached: {error!r}", round_)
             return False
         ctx.metrics.count(decision.outcome.value)
         if decision.outcome in (Outcome.APPLIED, Outcome.SKIPPED):
             return True
         reason = f"replay: {decision.outcome.value} at sequence {event.sequence}"
-        await _dead_letter(ctx, event, reason)
+        await _dead_letter(ctx, event, reason, round_)
         return False
 
 
-async def _dead_letter(ctx: WorkerContext[Any], event: EntityEvent, reason: str) -> None:
-    await ctx.dead_letters.publish(event, reason, f"{ctx.settings.name}-replay")
+async def _dead_letter(
+    ctx: WorkerContext[Any], event: EntityEvent, reason: str, round_: str
+) -> None:
+    await ctx.dead_letters.publish(event, reason, f"{ctx.settings.name}-replay", round_)
     await ctx.applier.block(event, reason)
     ctx.metrics.dead_lettered.labels("replay").inc()
 

@@ -271,9 +271,9 @@ class PartitionWorker(Generic[TxT]):
             tail = ".".join(request.subject.split(".")[-3:])
             headers = request.headers or {}
             log.info("replay requested for %s", tail)
-            done = await redrive_entity(self.ctx, tail, headers, self._may_fetch)
+            round_ = f"replay-{request.metadata.sequence.stream}"
+            done = await redrive_entity(self.ctx, tail, headers, self._may_fetch, round_)
             if done:
-                await self.ctx.dead_letters.purge(tail)
                 await request.ack()
             else:
                 await request.nak(delay=self.ctx.settings.backoff[-1])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,17 @@ from .locks.nats_kv import NatsKvLockBackend
 from .locks.redis import RedisLockBackend
 from .metrics import InstrumentedLocks, Metrics
 from .publisher import Publisher
+from .security import (
+    Secrets,
+    check_redis_credentials,
+    load_secrets,
+    nats_options,
+    redact_url,
+    redis_options,
+    server_credentials,
+    server_interceptors,
+    warn_if_exposed,
+)
 from .server import SidecarService
 from .stream import EventStream
 
@@ -40,15 +53,27 @@ SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
 
 
 async def connect_nats(
-    url: str, name: str, on_reconnected: Callable[[], None] = lambda: None
+    url: str,
+    name: str,
+    on_reconnected: Callable[[], None] = lambda: None,
+    options: Mapping[str, Any] | None = None,
 ) -> NatsClient:
-    """Connect to NATS, reconnecting forever once connected; Unavailable if it is not there."""
+    """Connect to NATS, reconnecting forever once connected; Unavailable if it is not there.
+
+    *options*: more ``connect`` arguments, e.g. credentials and TLS from ``nats_options``.
+    """
     client = NatsClient()
 
     def closing() -> bool:
         return bool(client.is_closed or client.is_draining)
 
+    reasons: list[Exception] = []  # nats-py's final error hides why (NoServersError)
+    tls_failed = asyncio.Event()
+
     async def on_error(error: Exception) -> None:
+        reasons.append(error)
+        if isinstance(error, ssl.SSLError):
+            tls_failed.set()  # nats-py's connect never returns after a failed TLS handshake
         if not closing():
             log.warning("NATS connection error: %s", error)
 
@@ -60,24 +85,45 @@ async def connect_nats(
         log.info("NATS reconnected")
         on_reconnected()
 
+    connecting = client.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        max_reconnect_attempts=STARTUP_CONNECT_ATTEMPTS,
+        reconnect_time_wait=1,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **(options or {}),
+    )
     try:
-        await client.connect(
-            url,
-            name=name,
-            connect_timeout=2,
-            max_reconnect_attempts=STARTUP_CONNECT_ATTEMPTS,
-            reconnect_time_wait=1,
-            allow_reconnect=True,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
+        await _unless(connecting, tls_failed)
     except Exception as error:
-        raise Unavailable(f"cannot connect to NATS at {url}: {error!r}") from error
+        # The first error usually says why (e.g. Authorization Violation); later ones are
+        # the closed socket's echoes.
+        reason = reasons[0] if reasons else error
+        raise Unavailable(f"cannot connect to NATS at {redact_url(url)}: {reason!r}") from error
     # nats-py applies one limit to the first connect and to reconnects; once connected,
     # a sidecar should wait out any NATS outage rather than give up.
     client.options["max_reconnect_attempts"] = -1
     return client
+
+
+async def _unless(work: Awaitable[None], failed: asyncio.Event) -> None:
+    """Await *work*; give up (TimeoutError) once *failed* is set."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(failed.wait())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TimeoutError("gave up connecting")
+    task.result()
 
 
 class SidecarApp:
@@ -98,6 +144,7 @@ class SidecarApp:
         self._locks_up = True
         self.publisher: Publisher | None = None
         self._service: SidecarService | None = None
+        self._secrets = Secrets()
         self.port = 0
 
     @property
@@ -108,13 +155,19 @@ class SidecarApp:
     async def start(self) -> None:
         """Connect to NATS, provision the stream and start serving gRPC."""
         cfg = self.config
+        self._secrets = load_secrets(cfg, os.environ)
+        warn_if_exposed(cfg, self._secrets)
+        credentials = server_credentials(cfg)  # bad certificates stop us before any work
         nats_url = cfg.nats_url
         if not nats_url:
             data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
             self._embedded = EmbeddedNats(data_dir, cfg.nats_sync_interval)
             nats_url = await self._embedded.start()
         self._nc = await connect_nats(
-            nats_url, f"order-sidecar {cfg.producer_name}", self.metrics.nats_reconnects.inc
+            nats_url,
+            f"order-sidecar {cfg.producer_name}",
+            self.metrics.nats_reconnects.inc,
+            nats_options(cfg, self._secrets),
         )
         stream = EventStream(self._nc, cfg)
         await stream.ensure_stream()
@@ -134,7 +187,10 @@ class SidecarApp:
             cfg.max_conflict_retries,
             on_fenced=self.metrics.fencing_rejections.inc,
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(
+            interceptors=server_interceptors(self._secrets),
+            options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
+        )
         self._service = SidecarService(
             self.publisher,
             cfg.max_batch,
@@ -143,6 +199,7 @@ class SidecarApp:
             cfg.stream_window,
             self.metrics,
             self._status,
+            max_streams=cfg.max_streams,
         )
         sidecar_pb2_grpc.add_SidecarServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -155,7 +212,11 @@ class SidecarApp:
             server,
         )
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            self.port = (
+                server.add_secure_port(cfg.listen, credentials)
+                if credentials
+                else server.add_insecure_port(cfg.listen)
+            )
         except RuntimeError as error:
             raise Unavailable(f"cannot listen on {cfg.listen}: {error}") from error
         if self.port == 0:
@@ -169,25 +230,28 @@ class SidecarApp:
             self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_listen)
         self._watcher = asyncio.create_task(self._watch_backends())
         log.info(
-            "order-sidecar %s listening on %s; stream %s on %s; locks: %s",
+            "order-sidecar %s listening on %s (%s); stream %s on %s; locks: %s",
             cfg.producer_name,
             self.target,
+            _transport(cfg, self._secrets),
             cfg.stream,
-            nats_url,
+            redact_url(nats_url),
             self._lock_description(),
         )
 
     async def _open_locks(self, nc: NatsClient) -> LockBackend:
         cfg = self.config
         if cfg.chosen_lock_backend == "redis":
-            return RedisLockBackend(list(cfg.redis_url))
+            options = redis_options(cfg, self._secrets)
+            await check_redis_credentials(cfg.redis_url, options)
+            return RedisLockBackend(list(cfg.redis_url), options=options)
         return await NatsKvLockBackend.open(
             nc, cfg.lock_bucket, cfg.kv_replicas, lock_ttl=cfg.lock_ttl
         )
 
     def _lock_description(self) -> str:
         if self.config.chosen_lock_backend == "redis":
-            return "redis " + ",".join(self.config.redis_url)
+            return "redis " + ",".join(redact_url(url) for url in self.config.redis_url)
         return f"nats-kv bucket {self.config.lock_bucket}"
 
     def _status(self) -> sidecar_pb2.SidecarStatus:
@@ -296,3 +360,9 @@ class SidecarApp:
             log.info("signal received: draining")
         finally:
             await self.stop()
+
+
+def _transport(config: ServeConfig, secrets: Secrets) -> str:
+    """How the gRPC port is protected, for the start-up line (never the secrets)."""
+    tls = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+    return tls + (", token required" if secrets.auth_token else "")

@@ -58,10 +58,86 @@ class NatsOptions:
 
 
 @dataclass(frozen=True)
-class ServeConfig(NatsOptions):
+class SecurityOptions:
+    """TLS, the shared token and backend credentials (docs/security.md).
+
+    Only paths live here: a secret comes from a file or its own env var (read by
+    ``security.load_secrets``), never from a flag's value, which ``ps`` would show.
+    """
+
+    tls_cert: str = option("", "PEM certificate chain of the gRPC port; with --tls-key: TLS")
+    tls_key: str = option("", "PEM private key of --tls-cert")
+    tls_client_ca: str = option(
+        "", "PEM CA bundle: clients must show a certificate it signed (mutual TLS)"
+    )
+    auth_token_file: str = option(
+        "",
+        "file holding a token every RPC but health checks must send as 'authorization: "
+        "Bearer <token>' (or the token itself in ORDER_SIDECAR_AUTH_TOKEN)",
+    )
+    nats_user: str = option("", "NATS user; its password from --nats-password-file")
+    nats_password_file: str = option(
+        "", "file holding the NATS password (or the password in ORDER_SIDECAR_NATS_PASSWORD)"
+    )
+    nats_token_file: str = option(
+        "", "file holding a NATS auth token (or the token in ORDER_SIDECAR_NATS_TOKEN)"
+    )
+    nats_nkey_seed_file: str = option("", "NATS user NKey seed file (needs the nkeys package)")
+    nats_creds_file: str = option("", "NATS credentials file, JWT and seed (needs nkeys)")
+    nats_tls_ca: str = option("", "PEM CA bundle that verifies the NATS server; turns TLS on")
+    nats_tls_cert: str = option("", "PEM client certificate for NATS (with --nats-tls-key)")
+    nats_tls_key: str = option("", "PEM private key of --nats-tls-cert")
+    redis_username: str = option("", "Redis ACL user; its password from --redis-password-file")
+    redis_password_file: str = option(
+        "", "file holding the Redis password (or the password in ORDER_SIDECAR_REDIS_PASSWORD)"
+    )
+    redis_tls_ca: str = option("", "PEM CA bundle that verifies Redis (rediss:// URLs)")
+    redis_tls_cert: str = option("", "PEM client certificate for Redis (with --redis-tls-key)")
+    redis_tls_key: str = option("", "PEM private key of --redis-tls-cert")
+
+    def check_security(self, nats_url: str, redis_urls: Sequence[str]) -> None:
+        """Raise ConfigError naming the first invalid or conflicting security option."""
+        for name in _SECURITY_FILES:
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                _bad(name, path, "a readable file")
+        for cert, key in (
+            ("tls_cert", "tls_key"),
+            ("nats_tls_cert", "nats_tls_key"),
+            ("redis_tls_cert", "redis_tls_key"),
+        ):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                _bad(cert, getattr(self, cert), f"both {flag_name(cert)} and {flag_name(key)}")
+        if self.tls_client_ca and not self.tls_cert:
+            _bad("tls_cert", "", "a server certificate when --tls-client-ca is set")
+        nats_auth = [n for n in _NATS_AUTH if getattr(self, n)]
+        if len(nats_auth) > 1:
+            others = ", ".join(flag_name(name) for name in _NATS_AUTH)
+            _bad(nats_auth[1], getattr(self, nats_auth[1]), f"only one of {others}")
+        if not nats_url:
+            for name in (*_NATS_AUTH, "nats_password_file", "nats_tls_ca", "nats_tls_cert"):
+                if getattr(self, name):
+                    _bad("nats_url", "", f"your NATS server's URL with {flag_name(name)}")
+        redis_tls = [n for n in ("redis_tls_ca", "redis_tls_cert") if getattr(self, n)]
+        if redis_tls and not (redis_urls and all(u.startswith("rediss://") for u in redis_urls)):
+            wanted = f"rediss:// URLs with {flag_name(redis_tls[0])}"
+            _bad("redis_url", ",".join(redis_urls), wanted)
+
+
+_USER_NAMES = ("nats_user", "redis_username")
+_SECURITY_FILES = tuple(
+    item.name for item in dataclasses.fields(SecurityOptions) if item.name not in _USER_NAMES
+)
+_NATS_AUTH = ("nats_user", "nats_token_file", "nats_nkey_seed_file", "nats_creds_file")
+
+
+@dataclass(frozen=True)
+class ServeConfig(NatsOptions, SecurityOptions):
     """Options of ``order-sidecar serve``."""
 
-    listen: str = option("127.0.0.1:50051", "gRPC listen address host:port (localhost only)")
+    listen: str = option(
+        "127.0.0.1:50051", "gRPC listen address host:port; beyond loopback, set --tls-cert"
+    )
     lock_backend: str = option(
         "auto", "redis, nats-kv, or auto: redis when --redis-url is set, else nats-kv"
     )
@@ -99,6 +175,10 @@ class ServeConfig(NatsOptions):
     max_inflight_entities: int = option(64, "entities of one batch published concurrently")
     stream_window: int = option(
         256, "events of one PublishStream in flight before it stops reading"
+    )
+    max_streams: int = option(64, "concurrent PublishStream calls; more: RESOURCE_EXHAUSTED")
+    max_message_bytes: int = option(
+        4 * 1024 * 1024, "largest gRPC request in bytes; larger: RESOURCE_EXHAUSTED"
     )
     shutdown_grace: float = option(10.0, "seconds SIGTERM waits for in-flight requests")
     log_level: str = option("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -145,6 +225,9 @@ class ServeConfig(NatsOptions):
         check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
         check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
         check_range("stream_window", self.stream_window, 1, 100_000)
+        check_range("max_streams", self.max_streams, 1, 100_000)
+        check_range("max_message_bytes", self.max_message_bytes, 1024, 1024**3)
+        self.check_security(self.nats_url, self.redis_url)
         check_range("shutdown_grace", self.shutdown_grace, 0.0, 3600.0)
         check_range("kv_replicas", self.kv_replicas, 1, 5)
         check_range("health_interval", self.health_interval, 0.1, 60.0)

@@ -8,8 +8,10 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from order_sidecar import wire
 from order_sidecar_client.consumer import (
     ConsumerConfig,
     EntityEvent,
@@ -23,7 +25,7 @@ from order_sidecar_client.consumer import (
     list_dead,
 )
 
-from .support import create_stream, publish, wait_for
+from .support import PARTITIONS, create_stream, publish, wait_for
 
 
 class Recorder:
@@ -112,3 +114,29 @@ async def test_a_gap_with_the_fail_policy_stops_the_consumer_loudly(
     with pytest.raises(GapError, match="sequence 3 after applied 1"):
         await asyncio.wait_for(consumer.run(), 30)
     assert handler.of("a") == [1]
+
+
+async def test_a_slow_handler_is_kept_alive_by_in_progress_heartbeats(
+    nc: NatsClient, names: dict[str, str], tmp_path: Path
+) -> None:
+    await create_stream(nc, names)
+    await publish(nc, names, [("slow", 1, b""), ("slow", 2, b"")])
+    durable = f"c-p{wire.partition_of('slow', PARTITIONS)}"
+    deliveries: list[int] = []
+    stolen: list[int] = []
+
+    async def slow(event: EntityEvent, tx: sqlite3.Connection) -> None:
+        deliveries.append(event.deliveries)
+        if event.sequence == 1:
+            # The slow work: 2.5 ack waits, spent as a peer pulling from the same
+            # partition consumer. It gets the event only if the ack wait lapses.
+            peer = await nc.jetstream().pull_subscribe_bind(durable=durable, stream=names["stream"])
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                stolen.extend(m.metadata.sequence.stream for m in await peer.fetch(1, timeout=2.5))
+            await peer.unsubscribe()
+
+    consumer, _ = make_consumer(nc, names, tmp_path, slow, ack_wait=1.0)
+    async with running(consumer):
+        await wait_for(lambda: len(deliveries) == 2, 30, "both events handled")
+    assert stolen == []
+    assert deliveries == [1, 1]  # never redelivered although it outlived the ack wait

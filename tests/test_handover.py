@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from order_sidecar.stream import EntityPosition
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .helpers import request, stream_messages
+from .servers import NatsServer
 
 BACKENDS = ["redis", "nats-kv"]
 # Lingering (20 s) far outlasts the wait (2 s): without a hand-over, the second sidecar
@@ -138,3 +140,30 @@ def test_position_hints_forget_the_least_recently_used() -> None:
     off = PositionHints(capacity=0)
     off.remember("a", EntityPosition(1, 1))
     assert len(off) == 0
+
+
+async def test_stopping_with_lingering_locks_and_nats_paused_is_bounded(
+    serve_config: ServeConfig, tmp_path: Path
+) -> None:
+    """Lingering locks are released at shutdown, but a paused backend must not hold the
+    stop up: each release would wait for its own timeout (20 x 2 s here)."""
+    nats_server = NatsServer(tmp_path)
+    nats_server.start()
+    config = dataclasses.replace(
+        serve_config,
+        nats_url=nats_server.url,
+        lock_backend="nats-kv",
+        **LINGERING,  # type: ignore[arg-type]
+    )
+    sidecar = SidecarApp(config)
+    await sidecar.start()
+    try:
+        for n in range(20):
+            await publish(sidecar, f"linger-{n}", n)
+        assert sidecar.publisher is not None
+        assert sidecar.publisher._gates.lingering == 20
+        nats_server.pause()
+        await asyncio.wait_for(sidecar.stop(), timeout=25)
+    finally:
+        nats_server.resume()
+        nats_server.kill()

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar.app import SidecarApp
 from order_sidecar.config import ServeConfig
 from order_sidecar.hints import PositionHints
+from order_sidecar.locks.nats_kv import NatsKvLockBackend
 from order_sidecar.stream import EntityPosition
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
@@ -167,3 +168,29 @@ async def test_stopping_with_lingering_locks_and_nats_paused_is_bounded(
     finally:
         nats_server.resume()
         nats_server.kill()
+
+
+async def test_nats_kv_waiters_of_one_sidecar_take_turns_in_arrival_order(
+    nc: NatsClient, names: dict[str, str]
+) -> None:
+    """Local waiters contend one at a time, first come first served, so a freed lock is
+    not stormed by all of them (and none starves behind later arrivals)."""
+    backend = await NatsKvLockBackend.open(nc, names["lock_bucket"], lock_ttl=10.0)
+    holder = await backend.acquire("turns", 10.0, 0.0)
+    assert holder is not None
+    order: list[int] = []
+
+    async def waiter(n: int) -> None:
+        lease = await backend.acquire("turns", 10.0, 20.0)
+        assert lease is not None
+        order.append(n)
+        await backend.release(lease)
+
+    waiters = []
+    for n in range(12):
+        waiters.append(asyncio.ensure_future(waiter(n)))
+        await asyncio.sleep(0)  # let it queue before the next one arrives
+    await backend.release(holder)
+    await asyncio.gather(*waiters)
+    assert order == list(range(12))
+    await backend.close()

@@ -136,11 +136,14 @@ class NatsKvLockBackend:
     async def acquire(self, key: str, ttl: float, wait: float) -> Lease | None:
         """Create the key if absent; retry until *wait* ends, woken when the holder
         announces the lock free (or by a short jittered backoff)."""
-        with self._signals.waiting(key) as wakeup:
-            return await self._acquire(key, ttl, wait, wakeup)
-
-    async def _acquire(self, key: str, ttl: float, wait: float, wakeup: Wakeup) -> Lease | None:
         deadline = time.monotonic() + wait
+        async with self._signals.contending(key, wait) as my_turn:
+            if not my_turn:
+                return None
+            with self._signals.waiting(key) as wakeup:
+                return await self._acquire(key, ttl, deadline, wakeup)
+
+    async def _acquire(self, key: str, ttl: float, deadline: float, wakeup: Wakeup) -> Lease | None:
         delay = _FIRST_RETRY_DELAY
         token = secrets.token_hex(16)
         ttl = self.fixed_ttl or ttl

@@ -82,6 +82,8 @@ class RedisLockBackend:
         """Try at once; if taken, queue up (first come, first served) until *wait* runs
         out, woken when the holder announces the lock free."""
         self._listen_for_notices()
+        # Unlike nats-kv, no local turn-taking: every waiter holds its own place in the
+        # shared queue (first come, first served per request), and only the head tries.
         deadline = time.monotonic() + wait
         delay = _FIRST_RETRY_DELAY
         waiter = uuid.uuid4().hex

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ class Wakeup:
         self._event.set()
 
 
+class _Turn:
+    """Local callers contending for one key, one at a time."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class LockSignals:
     """Local bookkeeping of lock notices; *send* puts one notice on the wire."""
 
@@ -51,10 +59,38 @@ class LockSignals:
         self._waiters: dict[str, set[Wakeup]] = {}
         self._wanted: set[str] = set()
         self._on_wanted: WantedHandler = lambda _key: None
+        self._turns: dict[str, _Turn] = {}
 
     def on_wanted(self, handler: WantedHandler) -> None:
         """Have *handler(key)* called when another sidecar starts waiting for *key*."""
         self._on_wanted = handler
+
+    @contextlib.asynccontextmanager
+    async def contending(self, key: str, within: float) -> AsyncIterator[bool]:
+        """Take this process's turn to contend for *key*: first come, first served among
+        local callers, so one free notice does not send them all at the backend at once.
+        Yields False when the turn did not come within *within* seconds."""
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
+        try:
+            if turn.lock.locked():
+                try:
+                    await asyncio.wait_for(turn.lock.acquire(), max(within, 0.0))
+                except TimeoutError:
+                    yield False
+                    return
+            else:
+                await turn.lock.acquire()  # free: no wait (wait_for(0) would refuse it)
+            try:
+                yield True
+            finally:
+                turn.lock.release()
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
 
     @contextlib.contextmanager
     def waiting(self, key: str) -> Iterator[Wakeup]:

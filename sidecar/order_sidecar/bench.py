@@ -39,9 +39,12 @@ class BenchConfig:
         False, "self-hosted suite: embedded NATS, raw NATS baselines, gRPC floor, 1 and 3 sidecars"
     )
     suite_payloads: str = option("256,10240", "payload sizes of the suite, comma-separated")
-    suite_entities: str = option("1,100,10000", "entity counts of the suite, comma-separated")
+    suite_entities: str = option("1,100,1000,10000", "entity counts of the suite, comma-separated")
     suite_rss_entities: int = option(
         100_000, "with --suite: new entities written before a sidecar's RSS is read (0 skips)"
+    )
+    suite_redis_url: str = option(
+        "", "with --suite: sidecars lock in this Redis (default: a NATS KV bucket)"
     )
     chart: str = option("", "with --suite: also draw the table to this PNG (needs matplotlib)")
 

@@ -5,7 +5,8 @@ On one embedded nats-server (or ``--nats-url``) it measures, side by side:
 - raw nats-py publish awaiting each ack (the seed's "maxAck=1");
 - raw pipelined ``publish_async`` with 64 in flight (what the broker can do unordered);
 - a bare grpc.aio echo server (the gRPC floor for a unary call);
-- sidecar processes (nats-kv locks): unary ``Publish``, a lease round and ``PublishBatch``,
+- sidecar processes (nats-kv locks, or Redis with ``--suite-redis-url``): unary
+  ``Publish``, a lease round, ``PublishStream`` and ``PublishBatch``,
 
 for each payload size and entity count, with 1 sidecar and with 3. Every row carries
 its ratio to raw pipelined publish of the same payload.
@@ -162,9 +163,10 @@ class Child:
             self.process.kill()
 
 
-async def start_sidecars(url: str, count: int, name: str) -> list[Child]:
-    """*count* sidecar processes on one stream with nats-kv locks."""
+async def start_sidecars(url: str, count: int, name: str, redis_url: str = "") -> list[Child]:
+    """*count* sidecar processes on one stream, with nats-kv locks or Redis ones."""
     children = []
+    locks = [f"--redis-url={redis_url}"] if redis_url else ["--lock-backend=nats-kv"]
     for n in range(count):
         port = _free_port()
         children.append(
@@ -176,7 +178,7 @@ async def start_sidecars(url: str, count: int, name: str) -> list[Child]:
                     f"--listen=127.0.0.1:{port}",
                     f"--stream={name}",
                     f"--subject-prefix={name.lower()}",
-                    "--lock-backend=nats-kv",
+                    *locks,
                     f"--lock-bucket={name}_LOCKS",
                     f"--producer-id=bench-{n}",
                     "--log-level=WARNING",
@@ -233,7 +235,7 @@ async def _one_payload(
                 continue
             _progress(f"{payload} B, {entities} entities, {sidecar_count} sidecar(s)")
             name = f"BENCH_{uuid.uuid4().hex[:8]}"
-            children = await start_sidecars(url, sidecar_count, name)
+            children = await start_sidecars(url, sidecar_count, name, config.suite_redis_url)
             try:
                 cell = BenchConfig(
                     events=config.events,

@@ -56,7 +56,8 @@ class LockSignals:
 
     def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._send = send
-        self._waiters: dict[str, set[Wakeup]] = {}
+        # Per key, in arrival order (a dict as an ordered set).
+        self._waiters: dict[str, dict[Wakeup, None]] = {}
         self._wanted: set[str] = set()
         self._on_wanted: WantedHandler = lambda _key: None
         self._turns: dict[str, _Turn] = {}
@@ -96,13 +97,13 @@ class LockSignals:
     def waiting(self, key: str) -> Iterator[Wakeup]:
         """Register a waiter for *key* before trying it, so no free notice slips by."""
         wakeup = Wakeup()
-        self._waiters.setdefault(key, set()).add(wakeup)
+        self._waiters.setdefault(key, {})[wakeup] = None
         try:
             yield wakeup
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None:
-                waiters.discard(wakeup)
+                waiters.pop(wakeup, None)
                 if not waiters:
                     del self._waiters[key]
 
@@ -121,8 +122,11 @@ class LockSignals:
         kind, _, raw_key = notice.partition(_SEPARATOR)
         key = raw_key.decode(errors="replace")
         if kind == FREED:
+            # Only the longest waiting one: it is the one at the head of the queue (or the
+            # only one contending), and waking all would send them at the backend at once.
             for wakeup in self._waiters.get(key, ()):
                 wakeup.set()
+                break
         elif kind == WANTED:
             # Remembered even when no gate holds it: a lease RPC may hold it.
             if len(self._wanted) >= _MAX_WANTED:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib.util
-import ipaddress
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import yaml
 from order_sidecar.cli import build_parser
 from order_sidecar.config import ENV_PREFIX, ServeConfig, env_name, flag_name, from_sources
 from order_sidecar.errors import ConfigError
+from order_sidecar.security import is_loopback
 
 from .servers import NatsServer, RedisServer, SidecarProcess, wait_until
 
@@ -91,16 +91,6 @@ def split_address(address: str) -> tuple[str, int]:
     """(host, port) of host:port."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether *host* is a loopback address (or localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_producer_module() -> ModuleType:

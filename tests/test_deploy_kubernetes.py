@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
+from order_sidecar.security import is_loopback
 
 from .test_deploy_compose import (
     DOCKERFILE,
     HEALTHCHECK,
     ROOT,
     dockerfile_stages,
-    is_loopback,
     load_producer_module,
     sidecar_config,
     split_address,

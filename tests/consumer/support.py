@@ -72,6 +72,20 @@ def in_order(entities: dict[str, int]) -> list[tuple[str, int, bytes]]:
     return out
 
 
+def ids_where(
+    prefix: str, wanted: bool, partition: int, count: int, partitions: int = PARTITIONS
+) -> list[str]:
+    """The first *count* ids ``{prefix}{n}`` in (``wanted``) or out of *partition*."""
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        entity_id = f"{prefix}{n}"
+        if (wire.partition_of(entity_id, partitions) == partition) is wanted:
+            found.append(entity_id)
+        n += 1
+    return found
+
+
 class ReplicaProcess(ManagedProcess):
     """``tests/consumer/replica_proc.py`` (the SQLite example with fault injection)."""
 

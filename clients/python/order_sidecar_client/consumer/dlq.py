@@ -152,7 +152,9 @@ async def request_replay(js: JetStreamContext, prefix: str, entries: list[DeadEn
     """Ask the consumers to re-drive each entity of *entries* once; how many entities."""
     tails: dict[str, EntityKey] = {}
     for entry in entries:
-        tails.setdefault(entry.entity_path, entry.key)
+        known = tails.get(entry.entity_path)
+        if known is None or not (known.entity_type and known.entity_id):
+            tails[entry.entity_path] = entry.key  # a malformed copy may lack the entity
     for tail, key in tails.items():
         headers = {HEADER_ENTITY_TYPE: key.entity_type, HEADER_ENTITY_ID: key.entity_id}
         await js.publish(f"{prefix}.replay.{tail}", b"", headers=headers)

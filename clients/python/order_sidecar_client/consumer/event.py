@@ -43,28 +43,56 @@ class EntityEvent:
 
 
 class MalformedEvent(ValueError):
-    """A message without the sidecar's entity headers."""
+    """A message without valid entity headers (type, id, a positive decimal sequence)."""
 
 
 def parse_headers(
     headers: dict[str, str] | None, subject: str, payload: bytes, stream_sequence: int
 ) -> EntityEvent:
-    """Build an event from wire headers; :class:`MalformedEvent` if they are missing."""
+    """Build an event from wire headers; :class:`MalformedEvent` if missing or invalid."""
     headers = dict(headers or {})
-    try:
-        key = EntityKey(headers[HEADER_ENTITY_TYPE], headers[HEADER_ENTITY_ID])
-        sequence = int(headers[HEADER_ENTITY_SEQUENCE])
-    except (KeyError, ValueError) as error:
-        raise MalformedEvent(f"no valid entity headers on {subject}: {error}") from error
+    for name in (HEADER_ENTITY_TYPE, HEADER_ENTITY_ID, HEADER_ENTITY_SEQUENCE):
+        if not headers.get(name):
+            raise MalformedEvent(f"malformed: no {name} header on {subject}")
+    raw = headers[HEADER_ENTITY_SEQUENCE]
+    if not (raw.isascii() and raw.isdigit() and int(raw) > 0):
+        raise MalformedEvent(
+            f"malformed: {HEADER_ENTITY_SEQUENCE} {raw!r} on {subject} is not a positive integer"
+        )
     version = headers.get(HEADER_ENTITY_VERSION)
     return EntityEvent(
-        key=key,
-        sequence=sequence,
+        key=EntityKey(headers[HEADER_ENTITY_TYPE], headers[HEADER_ENTITY_ID]),
+        sequence=int(raw),
         operation=headers.get(HEADER_ENTITY_OPERATION, ""),
         payload=payload,
         subject=subject,
         stream_sequence=stream_sequence,
         version=int(version) if version and version.isdigit() else None,
+        headers=headers,
+    )
+
+
+def malformed_event(
+    headers: dict[str, str] | None,
+    subject: str,
+    payload: bytes,
+    stream_sequence: int,
+    deliveries: int = 1,
+) -> EntityEvent:
+    """A malformed message as an event to dead-letter: its original headers unchanged,
+    the entity from them where present (else ``_malformed/_``), sequence 0."""
+    headers = dict(headers or {})
+    key = EntityKey(
+        headers.get(HEADER_ENTITY_TYPE) or "_malformed", headers.get(HEADER_ENTITY_ID) or "_"
+    )
+    return EntityEvent(
+        key=key,
+        sequence=0,
+        operation=headers.get(HEADER_ENTITY_OPERATION, ""),
+        payload=payload,
+        subject=subject,
+        stream_sequence=stream_sequence,
+        deliveries=deliveries,
         headers=headers,
     )
 

@@ -18,7 +18,15 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .apply import Outcome
 from .errors import BreakerOpen
-from .event import HEADER_ENTITY_ID, HEADER_ENTITY_TYPE, EntityEvent, EntityKey, parse_headers
+from .event import (
+    HEADER_ENTITY_ID,
+    HEADER_ENTITY_TYPE,
+    EntityEvent,
+    EntityKey,
+    MalformedEvent,
+    malformed_event,
+    parse_headers,
+)
 
 if TYPE_CHECKING:
     from .worker import WorkerContext
@@ -39,9 +47,16 @@ async def redrive_entity(
     async with store.transaction() as tx:
         await store.unblock(tx, key)
     await ctx.dead_letters.purge(tail)
-    async for event in _read_subject(ctx, f"{ctx.prefix}.{tail}"):
+    async for event, malformed in _read_subject(ctx, f"{ctx.prefix}.{tail}"):
         if not may_go_on():
             return False
+        if malformed is not None:
+            # Never applicable and its copy was purged above: dead-letter it again (no
+            # block) so it stays visible, and go on with the entity's real events.
+            consumer = f"{ctx.settings.name}-replay"
+            await ctx.dead_letters.publish(event, f"replay: {malformed}", consumer, round_)
+            ctx.metrics.dead_lettered.labels("malformed").inc()
+            continue
         if not await _apply_with_retries(ctx, event, may_go_on, round_):
             return True  # dead-lettered and blocked again: the request itself is done
     log.info("re-drove %s/%s", key.entity_type, key.entity_id)
@@ -85,8 +100,11 @@ async def _dead_letter(
     ctx.metrics.dead_lettered.labels("replay").inc()
 
 
-async def _read_subject(ctx: WorkerContext[Any], subject: str) -> AsyncIterator[EntityEvent]:
-    """The subject's events in stream order, from its first."""
+async def _read_subject(
+    ctx: WorkerContext[Any], subject: str
+) -> AsyncIterator[tuple[EntityEvent, str | None]]:
+    """The subject's events in stream order, from its first, each with ``None`` or, for a
+    malformed message, the reason (the event is then :func:`malformed_event`)."""
     stream = ctx.settings.stream
     info = await ctx.js.add_consumer(
         stream,
@@ -109,7 +127,16 @@ async def _read_subject(ctx: WorkerContext[Any], subject: str) -> AsyncIterator[
                 return
             for msg in batch:
                 meta = msg.metadata
-                yield parse_headers(msg.headers, msg.subject, msg.data, meta.sequence.stream)
+                stream_sequence = meta.sequence.stream
+                try:
+                    event = parse_headers(msg.headers, msg.subject, msg.data, stream_sequence)
+                except MalformedEvent as error:
+                    yield (
+                        malformed_event(msg.headers, msg.subject, msg.data, stream_sequence),
+                        str(error),
+                    )
+                else:
+                    yield event, None
                 if meta.num_pending == 0:
                     return
     finally:

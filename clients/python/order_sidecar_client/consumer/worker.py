@@ -28,7 +28,7 @@ from .config import BlockedPolicy, GapPolicy
 from .config import ConsumerConfig as Settings
 from .dlq import DeadLetters
 from .errors import BreakerOpen, GapError
-from .event import EntityEvent, MalformedEvent, parse_headers, parse_msg
+from .event import EntityEvent, MalformedEvent, malformed_event, parse_msg
 from .positions import TxT
 from .redrive import redrive_entity
 
@@ -194,12 +194,10 @@ class PartitionWorker(Generic[TxT]):
         await msg.ack()
 
     async def _dead_letter_malformed(self, msg: Msg, reason: str) -> None:
-        headers = {k: v for k, v in (msg.headers or {}).items()}
-        event = parse_headers(
-            {"Entity-Type": "_malformed", "Entity-Id": "_", "Entity-Sequence": "0", **headers},
-            msg.subject,
-            msg.data,
-            msg.metadata.sequence.stream,
+        # Not part of any entity's sequence: dead-letter it, block nothing, move on.
+        meta = msg.metadata
+        event = malformed_event(
+            msg.headers, msg.subject, msg.data, meta.sequence.stream, int(meta.num_delivered)
         )
         await self._dead_letter(msg, event, reason, "malformed", block=False)
 

@@ -20,8 +20,9 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar.app import SidecarApp
 from order_sidecar.cli import build_parser
 from order_sidecar.config import ServeConfig, from_sources
-from order_sidecar.errors import ConfigError
+from order_sidecar.errors import ConfigError, Unauthenticated, Unavailable
 from order_sidecar.security import Secret, load_secrets, server_credentials, warn_if_exposed
+from order_sidecar.status import StatusConfig, fetch_status
 from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarClient
 from order_sidecar_client import SidecarError as ClientError
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -31,6 +32,7 @@ from .tls_certs import Pki, make_pki
 
 ONCE = RetryPolicy(attempts=1, attempt_timeout=5.0)
 TOKEN = "tok-3f9a1c2e7b5d4a60"
+HEALTHCHECK = Path(__file__).resolve().parent.parent / "deploy" / "docker" / "healthcheck.py"
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +381,150 @@ def test_help_shows_no_secret_from_the_environment() -> None:
     ).stdout
     assert "--auth-token-file" in shown and "--tls-client-ca" in shown  # the options are there
     assert TOKEN not in shown and "pw-9d8c7b6a" not in shown
+
+
+# -- the operators' tools against a sidecar with TLS: `status` and the image's health check --
+
+
+async def status_of(
+    target: str, argv: list[str], env: dict[str, str] | None = None
+) -> sidecar_pb2.SidecarStatus:
+    """GetStatus as ``order-sidecar status --target TARGET ARGV`` asks it, with *env*."""
+    args = build_parser().parse_args(["status", "--target", target, *argv])
+    return await fetch_status(from_sources(StatusConfig, args, env or {}), env or {})
+
+
+def healthcheck(target: str, env: dict[str, str]) -> tuple[int, str]:
+    """Exit status and output of deploy/docker/healthcheck.py with the sidecar's *env*."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SIDECAR_")}
+    done = subprocess.run(
+        [sys.executable, str(HEALTHCHECK), "--timeout", "3", "--target", target],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**clean, **env},
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``order-sidecar ARGV`` in a child process, without the ORDER_SIDECAR_* env."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SIDECAR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "order_sidecar.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean,
+        check=False,
+    )
+
+
+async def test_status_and_health_check_speak_tls(
+    tls_app: SidecarApp, pki: Pki, other_pki: Pki
+) -> None:
+    target, ca = tls_app.target, str(pki.ca)
+    assert (await status_of(target, ["--tls-ca", ca])).stream == tls_app.config.stream
+    env_status = await status_of(target, [], {"ORDER_SIDECAR_TLS_CA": ca})
+    assert env_status.stream == tls_app.config.stream
+    for argv in (
+        [],  # plaintext against TLS
+        ["--tls-ca", str(other_pki.ca)],
+        ["--tls-ca", ca, "--tls-server-name", "sidecar.example"],  # not in the certificate
+    ):
+        with pytest.raises(Unavailable):
+            await status_of(target, argv)
+    assert (await status_of(target, ["--tls-ca", ca, "--tls-server-name", "localhost"])).stream
+
+    # The health check reads the sidecar's own env: ORDER_SIDECAR_TLS_CERT turns TLS on.
+    sidecar_env = {
+        "ORDER_SIDECAR_TLS_CERT": str(pki.server_cert),
+        "ORDER_SIDECAR_TLS_KEY": str(pki.server_key),
+        "ORDER_SIDECAR_TLS_CA": ca,
+    }
+    code, said = await asyncio.to_thread(healthcheck, target, sidecar_env)
+    assert (code, said.strip()) == (0, f"{target} is SERVING")
+    for changed in (
+        {"ORDER_SIDECAR_TLS_CA": str(other_pki.ca)},
+        {"ORDER_SIDECAR_TLS_SERVER_NAME": "sidecar.example"},
+        {"ORDER_SIDECAR_TLS_CERT": ""},  # plaintext
+    ):
+        code, said = await asyncio.to_thread(healthcheck, target, {**sidecar_env, **changed})
+        assert code == 1 and "did not answer: UNAVAILABLE" in said, (changed, said)
+
+
+async def test_status_and_health_check_with_mutual_tls_and_token(
+    serve_config: ServeConfig, pki: Pki, other_pki: Pki, tmp_path: Path
+) -> None:
+    token_file, wrong_file = tmp_path / "token", tmp_path / "wrong"
+    token_file.write_text(TOKEN)
+    wrong_file.write_text("not-" + TOKEN)
+    config = dataclasses.replace(
+        serve_config,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+        auth_token_file=str(token_file),
+    )
+    sidecar = await started(config)
+    target, ca = sidecar.target, str(pki.ca)
+    client = ["--tls-ca", ca, "--tls-client-cert", str(pki.client_cert)]
+    client += ["--tls-client-key", str(pki.client_key)]
+    try:
+        status = await status_of(target, [*client, "--auth-token-file", str(token_file)])
+        assert status.stream == config.stream
+        assert (await status_of(target, client, {"ORDER_SIDECAR_AUTH_TOKEN": TOKEN})).stream
+        for argv in (client, [*client, "--auth-token-file", str(wrong_file)]):
+            with pytest.raises(Unauthenticated, match="--auth-token-file"):
+                await status_of(target, argv)
+        with pytest.raises(Unavailable):  # the token alone does not pass mutual TLS
+            await status_of(target, ["--tls-ca", ca, "--auth-token-file", str(token_file)])
+
+        # The CLI prints the table, or exits 2 saying what is missing.
+        cli = ["status", "--target", target, *client]
+        shown = await asyncio.to_thread(run_cli, [*cli, "--auth-token-file", str(token_file)])
+        assert shown.returncode == 0 and config.stream in shown.stdout, shown
+        refused = await asyncio.to_thread(run_cli, cli)
+        assert refused.returncode == 2 and "refused GetStatus" in refused.stderr, refused
+
+        # The health check needs no token, but mutual TLS needs a client certificate.
+        sidecar_env = {
+            "ORDER_SIDECAR_TLS_CERT": str(pki.server_cert),
+            "ORDER_SIDECAR_TLS_KEY": str(pki.server_key),
+            "ORDER_SIDECAR_TLS_CLIENT_CA": ca,
+            "ORDER_SIDECAR_AUTH_TOKEN_FILE": str(token_file),
+            "ORDER_SIDECAR_TLS_CA": ca,
+        }
+        code, said = await asyncio.to_thread(healthcheck, target, sidecar_env)
+        assert code == 1 and "ORDER_SIDECAR_TLS_CLIENT_CERT" in said, said
+        probe = {
+            "ORDER_SIDECAR_TLS_CLIENT_CERT": str(pki.client_cert),
+            "ORDER_SIDECAR_TLS_CLIENT_KEY": str(pki.client_key),
+        }
+        code, said = await asyncio.to_thread(healthcheck, target, {**sidecar_env, **probe})
+        assert (code, said.strip()) == (0, f"{target} is SERVING")
+        foreign = {
+            "ORDER_SIDECAR_TLS_CLIENT_CERT": str(other_pki.client_cert),
+            "ORDER_SIDECAR_TLS_CLIENT_KEY": str(other_pki.client_key),
+        }
+        code, said = await asyncio.to_thread(healthcheck, target, {**sidecar_env, **foreign})
+        assert code == 1 and "UNAVAILABLE" in said, said
+    finally:
+        await sidecar.stop()
+
+
+@pytest.mark.parametrize(
+    "argv, complaint",
+    [
+        (["--tls-client-cert", "{cert}"], "--tls-client-key"),
+        (["--tls-ca", "/nonexistent.pem"], "--tls-ca / ORDER_SIDECAR_TLS_CA"),
+        (["--auth-token-file", "/nonexistent"], "--auth-token-file"),
+    ],
+)
+def test_bad_status_options_name_the_option(
+    argv: list[str], complaint: str, files: dict[str, str]
+) -> None:
+    args = build_parser().parse_args(["status", *[arg.format(**files) for arg in argv]])
+    with pytest.raises(ConfigError, match=complaint):
+        from_sources(StatusConfig, args, {})

@@ -3,8 +3,12 @@ and secrets kept out of the sidecar's logs."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
+import json
+import os
 import socket
 import ssl
 import subprocess
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import nats
+import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 from order_sidecar.app import SidecarApp
@@ -205,6 +210,144 @@ async def test_nats_token(serve_config: ServeConfig, tmp_path: Path) -> None:
         assert await publish_once(config) == 1
         with pytest.raises(SidecarError, match="Authorization Violation"):
             await publish_once(dataclasses.replace(config, nats_token_file=""))
+
+
+def new_key(prefix: int) -> nkeys.KeyPair:
+    """A fresh NKey of a kind (nkeys.PREFIX_BYTE_USER, ...): nkeys only decodes seeds, so
+    the seed is encoded from 32 random bytes."""
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def public(key: nkeys.KeyPair) -> str:
+    return str(key.public_key.decode())
+
+
+def seed_of(key: nkeys.KeyPair) -> str:
+    return bytes(key.seed).decode()
+
+
+async def test_nats_nkey_seed(serve_config: ServeConfig, tmp_path: Path) -> None:
+    user = new_key(nkeys.PREFIX_BYTE_USER)
+    server = ConfiguredNats(
+        tmp_path, "nkey-nats", f'authorization {{ users = [ {{ nkey: "{public(user)}" }} ] }}'
+    )
+    with running(server):
+        config = dataclasses.replace(
+            serve_config,
+            nats_url=server.url,
+            nats_nkey_seed_file=secret_file(tmp_path, "user.nk", seed_of(user)),
+        )
+        assert await publish_once(config) == 1
+        # Another user's seed: the server refuses the signed nonce.
+        stranger = seed_of(new_key(nkeys.PREFIX_BYTE_USER))
+        unknown = secret_file(tmp_path, "stranger.nk", stranger)
+        with pytest.raises(SidecarError, match="Authorization Violation") as refused:
+            await publish_once(dataclasses.replace(config, nats_nkey_seed_file=unknown))
+        assert stranger not in str(refused.value)
+        # Not a user seed at all: a start-up error naming the option, before connecting.
+        account = seed_of(new_key(nkeys.PREFIX_BYTE_ACCOUNT))
+        for text, complaint in (
+            ("not-a-seed", "holds no valid NKey seed"),
+            (account, "not a user's"),
+            (public(user), "holds no valid NKey seed"),
+        ):
+            bad = secret_file(tmp_path, "bad.nk", text)
+            with pytest.raises(ConfigError, match=complaint) as wrong:
+                await publish_once(dataclasses.replace(config, nats_nkey_seed_file=bad))
+            assert "--nats-nkey-seed-file" in str(wrong.value)
+            assert text not in str(wrong.value)
+        # Without a seed the server refuses the connection.
+        with pytest.raises(SidecarError, match="Authorization Violation"):
+            await publish_once(dataclasses.replace(config, nats_nkey_seed_file=""))
+
+
+def signed_jwt(issuer: nkeys.KeyPair, subject: str, claims: dict[str, object]) -> str:
+    """A NATS v2 JWT about *subject*, signed by *issuer* (what 'nsc' makes)."""
+
+    def encoded(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body: dict[str, object] = {
+        "jti": "",
+        "iat": 1_700_000_000,
+        "iss": public(issuer),
+        "name": subject[:8],
+        "sub": subject,
+        "nats": {**claims, "version": 2},
+    }
+    digest = hashlib.sha256(json.dumps(body).encode()).digest()
+    body["jti"] = base64.b32encode(digest).rstrip(b"=").decode()
+    header = encoded(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = encoded(json.dumps(body).encode())
+    signature = encoded(issuer.sign(f"{header}.{payload}".encode()))
+    return f"{header}.{payload}.{signature}"
+
+
+def creds(user_jwt: str, user: nkeys.KeyPair) -> str:
+    """A credentials file's text, as 'nsc generate creds' writes it."""
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed_of(user)}\n------END USER NKEY SEED------\n"
+    )
+
+
+UNLIMITED = {"subs": -1, "data": -1, "payload": -1}
+
+
+async def test_nats_creds_file(serve_config: ServeConfig, tmp_path: Path) -> None:
+    operator = new_key(nkeys.PREFIX_BYTE_OPERATOR)
+    account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    user = new_key(nkeys.PREFIX_BYTE_USER)
+    limits = {
+        **UNLIMITED,
+        **{"imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1},
+        **{"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+    }
+    account_jwt = signed_jwt(operator, public(account), {"type": "account", "limits": limits})
+    # JetStream in operator mode needs a system account.
+    system = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    system_jwt = signed_jwt(operator, public(system), {"type": "account"})
+    server = ConfiguredNats(
+        tmp_path,
+        "operator-nats",
+        f'operator: "{signed_jwt(operator, public(operator), {"type": "operator"})}"\n'
+        f"system_account: {public(system)}\n"
+        "resolver: MEMORY\n"
+        f'resolver_preload: {{ {public(account)}: "{account_jwt}", '
+        f'{public(system)}: "{system_jwt}" }}',
+    )
+    user_claims = {"type": "user", "pub": {}, "sub": {}, **UNLIMITED}
+    with running(server):
+        good = creds(signed_jwt(account, public(user), user_claims), user)
+        config = dataclasses.replace(
+            serve_config,
+            nats_url=server.url,
+            nats_creds_file=secret_file(tmp_path, "user.creds", good),
+        )
+        assert await publish_once(config) == 1
+        # A user of an account the operator never signed.
+        stranger_account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+        foreign = creds(signed_jwt(stranger_account, public(user), user_claims), user)
+        refused_file = secret_file(tmp_path, "foreign.creds", foreign)
+        with pytest.raises(SidecarError, match="Authorization Violation"):
+            await publish_once(dataclasses.replace(config, nats_creds_file=refused_file))
+        # A JWT with the seed of another user: its signature of the nonce does not match.
+        other_user = new_key(nkeys.PREFIX_BYTE_USER)
+        mismatched = creds(signed_jwt(account, public(user), user_claims), other_user)
+        mismatched_file = secret_file(tmp_path, "mismatched.creds", mismatched)
+        with pytest.raises(SidecarError, match="Authorization Violation"):
+            await publish_once(dataclasses.replace(config, nats_creds_file=mismatched_file))
+        # Malformed files are start-up errors naming the option (nats-py would hang on the
+        # first: it reads until it finds a JWT).
+        for text, complaint in (
+            (f"-----BEGIN USER NKEY SEED-----\n{seed_of(user)}\n", "NATS USER JWT"),
+            (good.replace(seed_of(user), "SUnot-a-seed"), "holds no valid NKey seed"),
+        ):
+            bad = secret_file(tmp_path, "bad.creds", text)
+            with pytest.raises(ConfigError, match=complaint) as wrong:
+                await publish_once(dataclasses.replace(config, nats_creds_file=bad))
+            assert "--nats-creds-file" in str(wrong.value)
+            assert seed_of(user) not in str(wrong.value)
 
 
 def test_cli_without_the_nats_password_exits_with_a_clear_error(tls_nats: ConfiguredNats) -> None:

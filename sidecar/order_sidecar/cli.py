@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_dlq(args)
         if args.command == "status":
             status_config = from_sources(StatusConfig, args, os.environ)
-            reply = asyncio.run(fetch_status(status_config.target))
+            reply = asyncio.run(fetch_status(status_config))
             print(format_status(reply, status_config.json))
             return 0
         if args.command == "demo":

@@ -82,8 +82,8 @@ class SecurityOptions:
     nats_token_file: str = option(
         "", "file holding a NATS auth token (or the token in ORDER_SIDECAR_NATS_TOKEN)"
     )
-    nats_nkey_seed_file: str = option("", "NATS user NKey seed file (needs the nkeys package)")
-    nats_creds_file: str = option("", "NATS credentials file, JWT and seed (needs nkeys)")
+    nats_nkey_seed_file: str = option("", "NATS user NKey seed file (one line SU...)")
+    nats_creds_file: str = option("", "NATS credentials file: user JWT and seed, from nsc")
     nats_tls_ca: str = option("", "PEM CA bundle that verifies the NATS server; turns TLS on")
     nats_tls_cert: str = option("", "PEM client certificate for NATS (with --nats-tls-key)")
     nats_tls_key: str = option("", "PEM private key of --nats-tls-cert")

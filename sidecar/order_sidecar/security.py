@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib.util
 import ipaddress
 import logging
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import nkeys
 import redis.exceptions
 from redis.asyncio import Redis
 
@@ -70,10 +70,10 @@ def load_secrets(config: ServeConfig, env: Mapping[str, str]) -> Secrets:
     are set, or a secret lacks its partner (e.g. --nats-user without a password).
     """
     secrets = Secrets(
-        auth_token=_secret("auth_token", config.auth_token_file, env),
-        nats_password=_secret("nats_password", config.nats_password_file, env),
-        nats_token=_secret("nats_token", config.nats_token_file, env),
-        redis_password=_secret("redis_password", config.redis_password_file, env),
+        auth_token=read_secret("auth_token", config.auth_token_file, env),
+        nats_password=read_secret("nats_password", config.nats_password_file, env),
+        nats_token=read_secret("nats_token", config.nats_token_file, env),
+        redis_password=read_secret("redis_password", config.redis_password_file, env),
     )
     if secrets.auth_token and not _TOKEN.fullmatch(secrets.auth_token.reveal()):
         raise ConfigError(
@@ -101,18 +101,56 @@ def load_secrets(config: ServeConfig, env: Mapping[str, str]) -> Secrets:
             f"{flag_name('redis_username')} needs {flag_name('redis_password_file')} "
             f"(or {env_name('redis_password')})"
         )
-    if (config.nats_nkey_seed_file or config.nats_creds_file) and not _has_nkeys():
-        raise ConfigError(
-            "NKey and creds-file authentication need the nkeys package: pip install nkeys"
-        )
+    if config.nats_nkey_seed_file:
+        name = "nats_nkey_seed_file"
+        _check_user_seed(name, _read(config.nats_nkey_seed_file, name))
+    if config.nats_creds_file:
+        _check_creds(config.nats_creds_file)
     return secrets
 
 
-def _has_nkeys() -> bool:
-    return importlib.util.find_spec("nkeys") is not None
+def _read(path: str, name: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as error:
+        raise ConfigError(
+            f"cannot read {flag_name(name)} {path!r}: {type(error).__name__}"
+        ) from error
 
 
-def _secret(name: str, path: str, env: Mapping[str, str]) -> Secret | None:
+def _check_user_seed(name: str, text: str) -> None:
+    """Raise ConfigError unless *text* is one NKey user seed ('SU...'); never shows it."""
+    try:
+        prefix, _ = nkeys.decode_seed(bytearray(text.strip().encode()))
+    except (nkeys.NkeysError, ValueError) as error:
+        raise ConfigError(
+            f"{flag_name(name)} holds no valid NKey seed ({error}): expected one line "
+            "starting 'SU', as 'nsc' or 'nk -gen user' write it"
+        ) from error
+    if prefix != nkeys.PREFIX_BYTE_USER:
+        raise ConfigError(f"{flag_name(name)} holds an NKey seed, but not a user's ('SU...')")
+
+
+def _check_creds(path: str) -> None:
+    """Raise ConfigError unless *path* holds a user JWT and a user seed (nats-py would hang
+    on a file without the JWT)."""
+    lines = [line.strip() for line in _read(path, "nats_creds_file").splitlines()]
+    blocks: dict[str, str] = {}
+    for index, line in enumerate(lines[:-1]):
+        for marker in ("NATS USER JWT", "USER NKEY SEED"):
+            if line.startswith("-----BEGIN") and marker in line:
+                blocks[marker] = lines[index + 1]
+    if not blocks.get("NATS USER JWT", "").startswith("ey"):
+        raise ConfigError(
+            f"{flag_name('nats_creds_file')} {path!r} holds no '-----BEGIN NATS USER JWT-----' "
+            "block: expected a credentials file as 'nsc generate creds' writes it"
+        )
+    _check_user_seed("nats_creds_file", blocks.get("USER NKEY SEED", ""))
+
+
+def read_secret(name: str, path: str, env: Mapping[str, str]) -> Secret | None:
+    """The secret *name* from *path* (its ``--NAME-file``) or env var ``ORDER_SIDECAR_NAME``;
+    None when neither is set. ConfigError when both are, or the file is unreadable or empty."""
     flag, variable = flag_name(name + "_file"), env_name(name)
     if path and env.get(variable):
         raise ConfigError(f"set {flag} or {variable}, not both")

@@ -8,15 +8,14 @@ import contextlib
 import logging
 import re
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
+from .batches import BatchOutcome, group_by_entity, reply_of, result_of
 from .errors import (
-    EarlierEventFailed,
     InvalidEvent,
     LimitExceeded,
     ShuttingDown,
@@ -27,11 +26,9 @@ from .events import Event, event_from_request
 from .lease_rpcs import lease_reply, lease_terms
 from .metrics import Metrics, outcome_of
 from .publisher import Publisher
-from .stream import Stored
 
 log = logging.getLogger(__name__)
 
-BatchOutcome = Stored | SidecarError
 ReplyT = TypeVar("ReplyT")
 
 
@@ -123,7 +120,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             event = event_from_request(request)
             stored = await self._publisher.publish(event, context.time_remaining())
             self._metrics.count_result(stored)
-            return _response(stored)
+            return reply_of(stored)
 
         return await self._answer("Publish", context, work, request.entity_type)
 
@@ -148,7 +145,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 self._metrics.count_result(item)
                 if isinstance(item, SidecarError):
                     self._failed("PublishBatch", item, event.entity_type, started)
-            return sidecar_pb2.PublishBatchResponse(results=[_result(item) for item in outcomes])
+            return sidecar_pb2.PublishBatchResponse(results=[result_of(item) for item in outcomes])
 
         return await self._answer("PublishBatch", context, work)
 
@@ -196,7 +193,9 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
 
         def answer(tag: str, outcome: BatchOutcome) -> None:
             self._metrics.count_result(outcome)
-            replies.put_nowait(sidecar_pb2.PublishStreamResponse(tag=tag, result=_result(outcome)))
+            replies.put_nowait(
+                sidecar_pb2.PublishStreamResponse(tag=tag, result=result_of(outcome))
+            )
 
         async def publish(index: int, tag: str, event: Event) -> None:
             started = time.perf_counter()
@@ -309,7 +308,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self, request: sidecar_pb2.PublishBatchRequest, budget: float | None
     ) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome | None] = [None] * len(request.events)
-        groups = _group_by_entity(request.events, outcomes)
+        groups = group_by_entity(request.events, outcomes)
         limit = asyncio.Semaphore(self._max_inflight_entities)
 
         async def run(indexes: list[int], events: list[Event]) -> None:
@@ -327,56 +326,6 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         if missing:
             raise AssertionError(f"batch events without an outcome: {missing}")
         return [item for item in outcomes if item is not None]
-
-
-def _group_by_entity(
-    requests: Iterable[sidecar_pb2.PublishRequest], outcomes: list[BatchOutcome | None]
-) -> list[tuple[list[int], list[Event]]]:
-    """Validate every event and group valid entities' events, keeping request order.
-
-    An entity with an invalid event publishes none of its events in this batch, so
-    that no later event lands without the earlier one the caller meant to precede it.
-    """
-    by_entity: dict[tuple[str, str], list[tuple[int, Event | SidecarError]]] = defaultdict(list)
-    for index, request in enumerate(requests):
-        key = (request.entity_type, request.entity_id)
-        try:
-            by_entity[key].append((index, event_from_request(request)))
-        except SidecarError as error:
-            by_entity[key].append((index, error))
-    groups = []
-    for items in by_entity.values():
-        invalid = [index for index, item in items if isinstance(item, SidecarError)]
-        if not invalid:
-            groups.append(([i for i, _ in items], [e for _, e in items if isinstance(e, Event)]))
-            continue
-        for index, item in items:
-            outcomes[index] = (
-                item
-                if isinstance(item, SidecarError)
-                else EarlierEventFailed(
-                    f"not published: event #{invalid[0]} of the same entity in this batch "
-                    "is invalid; fix it and send the entity's events again",
-                    InvalidEvent("invalid"),
-                )
-            )
-    return groups
-
-
-def _response(stored: Stored) -> sidecar_pb2.PublishResponse:
-    return sidecar_pb2.PublishResponse(
-        sequence=stored.sequence,
-        stream_sequence=stored.stream_sequence,
-        subject=stored.subject,
-        duplicate=stored.duplicate,
-    )
-
-
-def _result(outcome: BatchOutcome) -> sidecar_pb2.PublishResult:
-    if isinstance(outcome, Stored):
-        return sidecar_pb2.PublishResult(response=_response(outcome), code=0)
-    code, message = grpc_status(outcome)
-    return sidecar_pb2.PublishResult(code=code.value[0], message=message)
 
 
 _TYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")

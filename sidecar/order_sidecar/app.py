@@ -45,6 +45,7 @@ from .security import (
 )
 from .server import SidecarService
 from .stream import EventStream
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class SidecarApp:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self._server: grpc.aio.Server | None = None
+        self._stopping = False
         self._nc: NatsClient | None = None
         self._locks: LockBackend | None = None
         self._embedded: EmbeddedNats | None = None
@@ -287,7 +289,7 @@ class SidecarApp:
         """
         assert self._nc is not None and self._locks is not None
         reject = self.config.on_lock_unavailable == "reject"
-        while True:
+        while not self._stopping:
             nats_up = self._nc.is_connected
             try:
                 locks_up = await asyncio.wait_for(self._locks.healthy(), 2.0)
@@ -315,10 +317,8 @@ class SidecarApp:
 
     async def stop(self) -> None:
         """Stop taking RPCs, finish those in flight, release locks, close connections."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
+        self._stopping = True
+        await cancel_and_wait(self._watcher)
         await self._health.enter_graceful_shutdown()
         if self._service is not None:
             left = await self._service.drain(self.config.shutdown_grace)

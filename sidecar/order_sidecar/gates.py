@@ -21,6 +21,7 @@ from .hints import PositionHints
 from .locks.base import Lease, LockBackend
 from .logs import entity_type_of
 from .stream import EntityPosition
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,11 @@ class EntityGates:
             )
 
     async def _renew(self, gate: EntityGate, lease: Lease) -> None:
-        while True:
+        # Also ends when the gate lets this lease go: a cancel can be swallowed (tasks.py).
+        while gate.lease is lease:
             await asyncio.sleep(lease.ttl / 3)
+            if gate.lease is not lease:
+                return
             try:
                 renewed = await self._backend.renew(lease)
             except LockBackendUnavailable as error:
@@ -261,9 +265,6 @@ class EntityGates:
     async def _drop_lease(self, gate: EntityGate) -> None:
         lease, renewer = gate.lease, gate.renewer
         gate.lease, gate.renewer, gate.lease_lost = None, None, False
-        if renewer is not None:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+        await cancel_and_wait(renewer)
         if lease is not None:
             await self._backend.release(lease)

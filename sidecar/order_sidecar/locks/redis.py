@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import LockBackendUnavailable
+from ..tasks import cancel_and_wait
 from .base import Lease
 from .fairqueue import FairQueue
 from .signals import LockSignals, WantedHandler
@@ -73,6 +74,7 @@ class RedisLockBackend:
         )
         self._signals = LockSignals(self._send_notice)
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
 
     def on_wanted(self, handler: WantedHandler) -> None:
         """Have *handler(key)* called when another sidecar starts waiting for *key*."""
@@ -174,10 +176,8 @@ class RedisLockBackend:
 
     async def close(self) -> None:
         """Stop listening for notices; close every master's connection pool."""
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        self._closing = True
+        await cancel_and_wait(self._listener)
         await self._notices.aclose()
         for master in self._masters:
             await master.aclose()
@@ -190,7 +190,7 @@ class RedisLockBackend:
             self._listener = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             pubsub = self._notices.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(NOTICE_CHANNEL)

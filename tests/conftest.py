@@ -12,8 +12,8 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 
 from .servers import NatsServer, RedisServer, SidecarProcess
 

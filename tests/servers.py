@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from order_sidecar.embedded import nats_server_binary
+from order_sidecar.jetstream.embedded import nats_server_binary
 
 START_TIMEOUT = 20.0
 

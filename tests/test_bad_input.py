@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .helpers import message_count, request

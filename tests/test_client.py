@@ -8,7 +8,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
+from order_sidecar.runtime.app import SidecarApp
 from order_sidecar_client import (
     AsyncSidecarClient,
     Event,

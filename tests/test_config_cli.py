@@ -7,8 +7,8 @@ import sys
 
 import pytest
 from order_sidecar.cli import build_parser
-from order_sidecar.config import ServeConfig, from_sources
-from order_sidecar.errors import ConfigError
+from order_sidecar.core.errors import ConfigError
+from order_sidecar.runtime.config import ServeConfig, from_sources
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from order_sidecar.cli import build_parser
-from order_sidecar.config import ENV_PREFIX, ServeConfig, env_name, flag_name, from_sources
-from order_sidecar.errors import ConfigError
-from order_sidecar.security import is_loopback
+from order_sidecar.core.errors import ConfigError
+from order_sidecar.runtime.config import ENV_PREFIX, ServeConfig, env_name, flag_name, from_sources
+from order_sidecar.runtime.security import is_loopback
 
 from .servers import NatsServer, RedisServer, SidecarProcess, wait_until
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from order_sidecar.security import is_loopback
+from order_sidecar.runtime.security import is_loopback
 
 from .test_deploy_compose import (
     DOCKERFILE,

@@ -58,7 +58,7 @@ def test_demo_shows_the_problem_and_the_fix() -> None:
 
 async def test_embedded_server_takes_the_sync_interval(tmp_path: Path) -> None:
     import nats as nats_client
-    from order_sidecar.embedded import EmbeddedNats
+    from order_sidecar.jetstream.embedded import EmbeddedNats
 
     server = EmbeddedNats(tmp_path / "sync", sync_interval="always")
     url = await server.start()

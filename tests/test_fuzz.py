@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar.verify import verify_stream
+from order_sidecar.jetstream.verify import verify_stream
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .helpers import stream_messages

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar.hints import PositionHints
+from order_sidecar.core.hints import PositionHints
+from order_sidecar.core.model import EntityPosition
 from order_sidecar.locks.nats_kv import NatsKvLockBackend
-from order_sidecar.stream import EntityPosition
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from .helpers import request, stream_messages

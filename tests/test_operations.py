@@ -17,15 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar_client import (
-    AsyncSidecarClient,
-    Event,
-    RetryPolicy,
-    SidecarClient,
-    SidecarError,
-)
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
+from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarClient, SidecarError
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar import wire
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar.errors import FencingConflict
-from order_sidecar.events import Event
-from order_sidecar.stream import EntityPosition
+from order_sidecar.core.errors import FencingConflict
+from order_sidecar.core.model import EntityPosition, Event
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
+from order_sidecar_client import contract
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from redis.asyncio import Redis
 
@@ -39,7 +38,7 @@ async def test_sequences_headers_and_subject_follow_the_wire_format(
     ]
     assert [r.sequence for r in replies] == [1, 2, 3, 4, 5]
     assert not any(r.duplicate for r in replies)
-    subject = wire.subject_for(serve_config.subject_prefix, "patient", "a.b c", 16)
+    subject = contract.subject_for(serve_config.subject_prefix, "patient", "a.b c", 16)
     assert {r.subject for r in replies} == {subject}
     stored = await stream_messages(nc, serve_config.stream)
     assert [m.stream_sequence for m in stored] == [r.stream_sequence for r in replies]

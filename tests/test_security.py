@@ -17,12 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
 from order_sidecar.cli import build_parser
-from order_sidecar.config import ServeConfig, from_sources
-from order_sidecar.errors import ConfigError, Unauthenticated, Unavailable
-from order_sidecar.security import Secret, load_secrets, server_credentials, warn_if_exposed
-from order_sidecar.status import StatusConfig, fetch_status
+from order_sidecar.cli.status import StatusConfig, fetch_status
+from order_sidecar.core.errors import ConfigError, Unauthenticated, Unavailable
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig, from_sources
+from order_sidecar.runtime.security import Secret, load_secrets, server_credentials, warn_if_exposed
 from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarClient
 from order_sidecar_client import SidecarError as ClientError
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -260,7 +260,7 @@ def test_warning_when_reachable_without_tls(
         tls_cert=str(pki.server_cert) if tls else "",
         tls_key=str(pki.server_key) if tls else "",
     )
-    with caplog.at_level(logging.WARNING, "order_sidecar.security"):
+    with caplog.at_level(logging.WARNING, "order_sidecar.runtime.security"):
         warn_if_exposed(config, load_secrets(config, {}))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == (1 if warned else 0)

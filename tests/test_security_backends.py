@@ -21,9 +21,9 @@ import nats
 import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar.errors import ConfigError, SidecarError
+from order_sidecar.core.errors import ConfigError, SidecarError
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy
 
 from .helpers import message_count

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
-from order_sidecar.app import SidecarApp
-from order_sidecar.config import ServeConfig
-from order_sidecar.errors import ConfigError
+from order_sidecar.core.errors import ConfigError
+from order_sidecar.runtime.app import SidecarApp
+from order_sidecar.runtime.config import ServeConfig
 from order_sidecar_client import AsyncSidecarClient, Event, SidecarError
 from redis.asyncio import Redis
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar.app import SidecarApp
-from order_sidecar.verify import OrderChecker
+from order_sidecar.jetstream.verify import OrderChecker
+from order_sidecar.runtime.app import SidecarApp
 from order_sidecar_client import AsyncSidecarClient, Event, Published, SidecarClient, SidecarError
 
 from .helpers import stream_messages

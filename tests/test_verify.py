@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from order_sidecar.verify import OrderChecker, format_table
+from order_sidecar.jetstream.verify import OrderChecker, format_table
 
 
 def check(*sequences: int) -> dict[str, int]:

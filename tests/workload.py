@@ -18,8 +18,7 @@ import uuid
 from typing import Any, TextIO
 
 import nats
-from order_sidecar import wire
-from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarError
+from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarError, contract
 from redis.asyncio import Redis
 
 PATIENCE = RetryPolicy(attempts=60, first_backoff=0.05, max_backoff=1.0, attempt_timeout=5.0)
@@ -107,12 +106,12 @@ async def run_naive(args: argparse.Namespace, out: TextIO) -> int:
             entity_id = pick_entity(args)
             sequence = int(await redis.incr(f"naive:{args.subject_prefix}:{entity_id}"))
             await asyncio.sleep(random.uniform(0, 0.002))  # the producer's own work
-            subject = wire.subject_for(args.subject_prefix, args.entity_type, entity_id, 16)
+            subject = contract.subject_for(args.subject_prefix, args.entity_type, entity_id, 16)
             headers = {
-                wire.HEADER_ENTITY_TYPE: args.entity_type,
-                wire.HEADER_ENTITY_ID: entity_id,
-                wire.HEADER_ENTITY_SEQUENCE: str(sequence),
-                wire.HEADER_ENTITY_OPERATION: "update",
+                contract.HEADER_ENTITY_TYPE: args.entity_type,
+                contract.HEADER_ENTITY_ID: entity_id,
+                contract.HEADER_ENTITY_SEQUENCE: str(sequence),
+                contract.HEADER_ENTITY_OPERATION: "update",
             }
             ack = await js.publish(subject, args.producer.encode(), headers=headers)
             out.write(

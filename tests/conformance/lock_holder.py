@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 import nats
-from order_sidecar.locks.base import LockBackend
+from order_sidecar.core.ports import LockBackend
 from order_sidecar.locks.nats_kv import NatsKvLockBackend
 from order_sidecar.locks.redis import RedisLockBackend
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from order_sidecar.errors import LockBackendUnavailable
+from order_sidecar.core.errors import LockBackendUnavailable
 from order_sidecar.locks import LockBackend
 from order_sidecar.locks.nats_kv import NatsKvLockBackend
 from order_sidecar.locks.redis import RedisLockBackend

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
-from order_sidecar import wire
-from order_sidecar.verify import OrderChecker, TypeReport
+from order_sidecar.jetstream.verify import OrderChecker, TypeReport
+from order_sidecar_client import contract
 
 from ..servers import ManagedProcess
 
@@ -50,12 +50,12 @@ async def publish(
     tests can write duplicates and gaps the sidecar never would)."""
     js = nc.jetstream()
     for entity_id, sequence, payload in events:
-        subject = wire.subject_for(names["subject_prefix"], entity_type, entity_id, partitions)
+        subject = contract.subject_for(names["subject_prefix"], entity_type, entity_id, partitions)
         headers = {
-            wire.HEADER_ENTITY_TYPE: entity_type,
-            wire.HEADER_ENTITY_ID: entity_id,
-            wire.HEADER_ENTITY_SEQUENCE: str(sequence),
-            wire.HEADER_ENTITY_OPERATION: "update",
+            contract.HEADER_ENTITY_TYPE: entity_type,
+            contract.HEADER_ENTITY_ID: entity_id,
+            contract.HEADER_ENTITY_SEQUENCE: str(sequence),
+            contract.HEADER_ENTITY_OPERATION: "update",
         }
         await js.publish(subject, payload, headers=headers)
 
@@ -80,7 +80,7 @@ def ids_where(
     n = 0
     while len(found) < count:
         entity_id = f"{prefix}{n}"
-        if (wire.partition_of(entity_id, partitions) == partition) is wanted:
+        if (contract.partition_of(entity_id, partitions) == partition) is wanted:
             found.append(entity_id)
         n += 1
     return found

@@ -11,7 +11,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar import wire
+from order_sidecar_client import contract
 from order_sidecar_client.consumer import (
     ConsumerConfig,
     EntityEvent,
@@ -121,7 +121,7 @@ async def test_a_slow_handler_is_kept_alive_by_in_progress_heartbeats(
 ) -> None:
     await create_stream(nc, names)
     await publish(nc, names, [("slow", 1, b""), ("slow", 2, b"")])
-    durable = f"c-p{wire.partition_of('slow', PARTITIONS)}"
+    durable = f"c-p{contract.partition_of('slow', PARTITIONS)}"
     deliveries: list[int] = []
     stolen: list[int] = []
 

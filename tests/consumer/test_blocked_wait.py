@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
-from order_sidecar import wire
+from order_sidecar_client import contract
 from order_sidecar_client.consumer import BlockedPolicy, EntityKey, list_dead, request_replay
 
 from .support import PARTITIONS, create_stream, ids_where, in_order, publish, wait_for
@@ -19,7 +19,7 @@ async def test_wait_policy_holds_a_blocked_entity_in_the_stream_until_replay(
     nc: NatsClient, names: dict[str, str], tmp_path: Path
 ) -> None:
     await create_stream(nc, names)
-    held = wire.partition_of("p", PARTITIONS)
+    held = contract.partition_of("p", PARTITIONS)
     [neighbour] = ids_where("r", True, held, 1)  # same partition as p, behind p's events
     others = ids_where("q", False, held, 3)  # other partitions
     await publish(nc, names, [("p", 1, b"ok"), ("p", 2, b"poison"), ("p", 3, b"ok")])

@@ -17,12 +17,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar_client.consumer import (
-    BreakerState,
-    CircuitBreaker,
-    EntityEvent,
-    list_dead,
-)
+from order_sidecar_client.consumer import BreakerState, CircuitBreaker, EntityEvent, list_dead
 
 from .support import check_applies, create_stream, in_order, publish, wait_for
 from .test_apply_once import make_consumer, running

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
-from order_sidecar import wire
+from order_sidecar_client import contract
 from order_sidecar_client.consumer import DeadEntry, list_dead, request_replay
 
 from .support import PARTITIONS, create_stream, ids_where, publish, wait_for
@@ -23,13 +23,13 @@ async def test_malformed_messages_are_dead_lettered_without_blocking_or_crashing
     caplog.set_level(logging.ERROR)
     await create_stream(nc, names)
     js = nc.jetstream()
-    subject = wire.subject_for(names["subject_prefix"], "patient", "x", PARTITIONS)
-    [neighbour] = ids_where("y", True, wire.partition_of("x", PARTITIONS), 1)
-    entity = {wire.HEADER_ENTITY_TYPE: "patient", wire.HEADER_ENTITY_ID: "x"}
+    subject = contract.subject_for(names["subject_prefix"], "patient", "x", PARTITIONS)
+    [neighbour] = ids_where("y", True, contract.partition_of("x", PARTITIONS), 1)
+    entity = {contract.HEADER_ENTITY_TYPE: "patient", contract.HEADER_ENTITY_ID: "x"}
     await publish(nc, names, [("x", 1, b"ok")])
     await js.publish(subject, b"no sequence", headers=entity)
-    await js.publish(subject, b"bad", headers={**entity, wire.HEADER_ENTITY_SEQUENCE: "abc"})
-    await js.publish(subject, b"zero", headers={**entity, wire.HEADER_ENTITY_SEQUENCE: "0"})
+    await js.publish(subject, b"bad", headers={**entity, contract.HEADER_ENTITY_SEQUENCE: "abc"})
+    await js.publish(subject, b"zero", headers={**entity, contract.HEADER_ENTITY_SEQUENCE: "0"})
     await publish(nc, names, [("x", 2, b"ok"), (neighbour, 1, b"ok")])
     handler = Recorder()
     consumer, store = make_consumer(nc, names, tmp_path, handler, backoff=(0.05,))

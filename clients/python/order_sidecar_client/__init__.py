@@ -4,10 +4,10 @@
 ...     client.publish(Event("patient", "42", "create", b'{"name": "Ada"}'))
 """
 
-from ._async import AsyncSidecarClient
-from ._lease import AsyncLease, Lease
-from ._sync import SidecarClient
-from ._types import Event, LeaseInfo, Published, RetryPolicy, SidecarError
+from order_sidecar_client._async import AsyncSidecarClient
+from order_sidecar_client._lease import AsyncLease, Lease
+from order_sidecar_client._sync import SidecarClient
+from order_sidecar_client._types import Event, LeaseInfo, Published, RetryPolicy, SidecarError
 
 __all__ = [
     "AsyncLease",

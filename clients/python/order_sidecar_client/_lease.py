@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 import grpc
 from ordersidecar.v1 import sidecar_pb2
 
-from ._types import Event, LeaseInfo, Published, SidecarError, check_lease_entity
+from order_sidecar_client._types import (
+    Event,
+    LeaseInfo,
+    Published,
+    SidecarError,
+    check_lease_entity,
+)
 
 if TYPE_CHECKING:
     from ._async import AsyncSidecarClient

@@ -10,9 +10,8 @@ from types import TracebackType
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from ._channel import PathLike, tls_credentials, token_metadata
-from ._lease import Lease, release_request
-from ._types import (
+from order_sidecar_client._lease import Lease, release_request
+from order_sidecar_client._types import (
     BatchResult,
     Event,
     LeaseInfo,
@@ -25,6 +24,7 @@ from ._types import (
     pending_indexes,
     stream_result,
 )
+from order_sidecar_client.channel import PathLike, tls_credentials, token_metadata
 
 
 class SidecarClient:

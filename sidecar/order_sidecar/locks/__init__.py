@@ -1,5 +1,10 @@
-"""Per-entity lock backends behind one Protocol (see ``base``)."""
+"""Per-entity lock backends, one module each, behind the core's ``LockBackend`` Protocol.
 
-from .base import Lease, LockBackend
+``redis`` (pottery's Redlock), ``nats_kv`` (a JetStream KV lease), ``instrumented`` (the
+metrics wrapper), ``factory`` (the backend a configuration names), and their helpers
+``fairqueue`` and ``signals``.
+"""
+
+from order_sidecar.core.ports import Lease, LockBackend
 
 __all__ = ["Lease", "LockBackend"]

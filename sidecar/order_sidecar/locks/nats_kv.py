@@ -25,9 +25,9 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from ..errors import ConfigError, LockBackendUnavailable
-from .base import Lease
-from .signals import LockSignals, Wakeup, WantedHandler
+from order_sidecar.core.errors import ConfigError, LockBackendUnavailable
+from order_sidecar.core.ports import Lease
+from order_sidecar.locks.signals import LockSignals, Wakeup, WantedHandler
 
 log = logging.getLogger(__name__)
 

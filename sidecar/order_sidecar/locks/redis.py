@@ -19,11 +19,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..errors import LockBackendUnavailable
-from ..tasks import cancel_and_wait
-from .base import Lease
-from .fairqueue import FairQueue
-from .signals import LockSignals, WantedHandler
+from order_sidecar.core.errors import LockBackendUnavailable
+from order_sidecar.core.ports import Lease
+from order_sidecar.core.tasks import cancel_and_wait
+from order_sidecar.locks.fairqueue import FairQueue
+from order_sidecar.locks.signals import LockSignals, WantedHandler
 
 log = logging.getLogger(__name__)
 # pottery logs a full traceback for every unreachable master; our own line says enough.

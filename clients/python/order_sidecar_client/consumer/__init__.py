@@ -8,15 +8,31 @@
 See docs/consumers.md for the model and its guarantees.
 """
 
-from .apply import ConsumerMetrics, Handler, Outcome
-from .assignment import Assignment, KvLeaseAssignment, Plan, StaticAssignment
-from .breaker import BreakerState, CircuitBreaker
-from .config import BlockedPolicy, ConsumerConfig, GapPolicy, LeaseConfig
-from .consumer import OrderedConsumer
-from .dlq import DeadEntry, list_dead, request_replay
-from .errors import BreakerOpen, CallTimeout, ConsumerConfigError, ConsumerError, GapError
-from .event import EntityEvent, EntityKey
-from .positions import Block, PositionStore, SqlitePositionStore
+from order_sidecar_client.consumer.apply import ConsumerMetrics, Handler, Outcome
+from order_sidecar_client.consumer.assignment import (
+    Assignment,
+    KvLeaseAssignment,
+    Plan,
+    StaticAssignment,
+)
+from order_sidecar_client.consumer.breaker import BreakerState, CircuitBreaker
+from order_sidecar_client.consumer.config import (
+    BlockedPolicy,
+    ConsumerConfig,
+    GapPolicy,
+    LeaseConfig,
+)
+from order_sidecar_client.consumer.consumer import OrderedConsumer
+from order_sidecar_client.consumer.dlq import DeadEntry, list_dead, request_replay
+from order_sidecar_client.consumer.errors import (
+    BreakerOpen,
+    CallTimeout,
+    ConsumerConfigError,
+    ConsumerError,
+    GapError,
+)
+from order_sidecar_client.consumer.event import EntityEvent, EntityKey
+from order_sidecar_client.consumer.positions import Block, PositionStore, SqlitePositionStore
 
 __all__ = [
     "Assignment",

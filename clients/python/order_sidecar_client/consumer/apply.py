@@ -16,8 +16,8 @@ from typing import Generic
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .event import EntityEvent
-from .positions import Block, PositionStore, TxT
+from order_sidecar_client.consumer.event import EntityEvent
+from order_sidecar_client.consumer.positions import Block, PositionStore, TxT
 
 log = logging.getLogger(__name__)
 

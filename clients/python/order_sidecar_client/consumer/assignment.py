@@ -24,8 +24,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from .config import LeaseConfig
-from .errors import ConsumerConfigError
+from order_sidecar_client.consumer.config import LeaseConfig
+from order_sidecar_client.consumer.errors import ConsumerConfigError
 
 log = logging.getLogger(__name__)
 

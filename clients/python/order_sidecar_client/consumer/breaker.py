@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .errors import BreakerOpen, CallTimeout, ConsumerConfigError
+from order_sidecar_client.consumer.errors import BreakerOpen, CallTimeout, ConsumerConfigError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .errors import ConsumerConfigError
+from order_sidecar_client.consumer.errors import ConsumerConfigError
 
 
 class GapPolicy(enum.Enum):

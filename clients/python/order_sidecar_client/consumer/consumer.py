@@ -10,14 +10,14 @@ from typing import Generic
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
-from .apply import Applier, ConsumerMetrics, Handler
-from .assignment import Assignment
-from .breaker import CircuitBreaker
-from .config import ConsumerConfig
-from .dlq import DeadLetters, ensure_dlq_stream
-from .errors import ConsumerConfigError, ConsumerError
-from .positions import PositionStore, TxT
-from .worker import PartitionWorker, WorkerContext
+from order_sidecar_client.consumer.apply import Applier, ConsumerMetrics, Handler
+from order_sidecar_client.consumer.assignment import Assignment
+from order_sidecar_client.consumer.breaker import CircuitBreaker
+from order_sidecar_client.consumer.config import ConsumerConfig
+from order_sidecar_client.consumer.dlq import DeadLetters, ensure_dlq_stream
+from order_sidecar_client.consumer.errors import ConsumerConfigError, ConsumerError
+from order_sidecar_client.consumer.positions import PositionStore, TxT
+from order_sidecar_client.consumer.worker import PartitionWorker, WorkerContext
 
 log = logging.getLogger(__name__)
 

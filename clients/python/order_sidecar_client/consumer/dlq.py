@@ -20,7 +20,12 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
-from .event import HEADER_ENTITY_ID, HEADER_ENTITY_TYPE, EntityEvent, EntityKey
+from order_sidecar_client.consumer.event import (
+    HEADER_ENTITY_ID,
+    HEADER_ENTITY_TYPE,
+    EntityEvent,
+    EntityKey,
+)
 
 HEADER_REASON = "Dlq-Reason"
 HEADER_STREAM = "Dlq-Stream"

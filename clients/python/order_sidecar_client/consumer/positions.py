@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .event import EntityKey
+from order_sidecar_client.consumer.event import EntityKey
 
 TxT = TypeVar("TxT")
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from .apply import Outcome
-from .errors import BreakerOpen
-from .event import (
+from order_sidecar_client.consumer.apply import Outcome
+from order_sidecar_client.consumer.errors import BreakerOpen
+from order_sidecar_client.consumer.event import (
     HEADER_ENTITY_ID,
     HEADER_ENTITY_TYPE,
     EntityEvent,

@@ -21,16 +21,21 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from .apply import Applier, ConsumerMetrics, Decision, Outcome
-from .assignment import Assignment
-from .breaker import BreakerState, CircuitBreaker
-from .config import BlockedPolicy, GapPolicy
-from .config import ConsumerConfig as Settings
-from .dlq import DeadLetters
-from .errors import BreakerOpen, GapError
-from .event import EntityEvent, MalformedEvent, malformed_event, parse_msg
-from .positions import TxT
-from .redrive import redrive_entity
+from order_sidecar_client.consumer.apply import Applier, ConsumerMetrics, Decision, Outcome
+from order_sidecar_client.consumer.assignment import Assignment
+from order_sidecar_client.consumer.breaker import BreakerState, CircuitBreaker
+from order_sidecar_client.consumer.config import BlockedPolicy, GapPolicy
+from order_sidecar_client.consumer.config import ConsumerConfig as Settings
+from order_sidecar_client.consumer.dlq import DeadLetters
+from order_sidecar_client.consumer.errors import BreakerOpen, GapError
+from order_sidecar_client.consumer.event import (
+    EntityEvent,
+    MalformedEvent,
+    malformed_event,
+    parse_msg,
+)
+from order_sidecar_client.consumer.positions import TxT
+from order_sidecar_client.consumer.redrive import redrive_entity
 
 log = logging.getLogger(__name__)
 

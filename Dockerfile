@@ -1,5 +1,5 @@
-# The sidecar image; the same image runs the example producer and consumer (the package
-# installs both sidecar/ and clients/python). Build: docker build -t order-sidecar .
+# The sidecar image; the same image runs the example producer and consumer (it installs
+# both distributions: the client from clients/python, then the sidecar with its tools). Build: docker build -t order-sidecar .
 
 # Build stage: pip and the build backend stay here, only the virtualenv moves on.
 FROM python:3.11-slim AS build
@@ -8,8 +8,9 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
+COPY tools ./tools
 COPY clients/python ./clients/python
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install ./clients/python .
 
 FROM python:3.11-slim
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.

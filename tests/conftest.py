@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar.runtime.app import SidecarApp
 from order_sidecar.runtime.config import ServeConfig
 
-from .servers import NatsServer, RedisServer, SidecarProcess
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from order_sidecar.runtime.app import SidecarApp
 from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .helpers import message_count, request
-from .servers import NatsServer
+from tests.support.helpers import message_count, request
+from tests.support.servers import NatsServer
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

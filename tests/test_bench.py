@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .servers import NatsServer, RedisServer, SidecarProcess
-from .test_e2e import sidecar_options
+from tests.support.load import sidecar_options
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 
 def test_bench_measures_unary_and_batch(

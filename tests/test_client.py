@@ -18,9 +18,9 @@ from order_sidecar_client import (
     SidecarError,
 )
 
-from .helpers import message_count, stream_messages
-from .servers import NatsServer, RedisServer, SidecarProcess, wait_until
-from .test_e2e import sidecar_options
+from tests.support.helpers import message_count, stream_messages
+from tests.support.load import sidecar_options
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess, wait_until
 
 
 async def test_async_client_publishes_and_batches(app: SidecarApp) -> None:
@@ -144,7 +144,7 @@ async def test_batch_never_resends_events_behind_a_final_failure(
 
 
 def test_pending_indexes_stop_at_a_final_failure() -> None:
-    from order_sidecar_client._types import finish_results, pending_indexes
+    from order_sidecar_client.retries import finish_results, pending_indexes
 
     events = [Event("t", "x", "update"), Event("t", "x", "update"), Event("t", "y", "update")]
     aborted = SidecarError(grpc.StatusCode.ABORTED, "retry")

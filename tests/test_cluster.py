@@ -8,8 +8,13 @@ from pathlib import Path
 
 import nats
 
-from .load import Producers, check_acked_replies_are_in_stream, run_verify, wait_for_messages
-from .servers import NatsClusterNode, SidecarProcess, start_cluster
+from tests.support.load import (
+    Producers,
+    check_acked_replies_are_in_stream,
+    run_verify,
+    wait_for_messages,
+)
+from tests.support.servers import NatsClusterNode, SidecarProcess, start_cluster
 
 PRODUCERS = 3
 EVENTS_EACH = 400

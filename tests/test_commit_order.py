@@ -19,10 +19,10 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar_client import AsyncSidecarClient, Event
 from redis.asyncio import Redis
 
+from tests.support.helpers import stream_messages
+from tests.support.load import WORKLOAD, Producers, sidecar_options
+
 from .conftest import World
-from .helpers import stream_messages
-from .load import WORKLOAD, Producers
-from .test_e2e import sidecar_options
 
 PRODUCERS = 4
 ROWS = 5

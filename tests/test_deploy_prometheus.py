@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from order_sidecar.runtime.metrics import Metrics
+from order_sidecar.telemetry.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 

@@ -11,72 +11,19 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from tests.support.load import (
+    ENTITIES,
+    EVENTS_EACH,
+    PRODUCERS,
+    Producers,
+    check_exactly_once_in_order,
+    run_verify,
+    sidecar_options,
+    start_producers,
+)
+from tests.support.servers import NatsServer, RedisServer
+
 from .conftest import World
-from .load import Producers, check_acked_replies_are_in_stream, run_verify
-from .servers import NatsServer, RedisServer, SidecarProcess
-
-PRODUCERS = 6
-EVENTS_EACH = 500
-ENTITIES = 24
-
-
-def sidecar_options(
-    nats_server: NatsServer,
-    redis_server: RedisServer,
-    names: dict[str, str],
-    lock_backend: str = "redis",
-) -> dict[str, str]:
-    """Flags shared by the sidecars of one test."""
-    options = {
-        "nats_url": nats_server.url,
-        "stream": names["stream"],
-        "subject_prefix": names["subject_prefix"],
-        "lock_ttl": "2",
-        "lock_wait": "5",
-        "lock_backend": lock_backend,
-    }
-    if lock_backend == "redis":
-        options["redis_url"] = redis_server.url
-    else:
-        options["lock_bucket"] = names["lock_bucket"]
-    return options
-
-
-def start_producers(
-    producers: Producers, sidecars: list[SidecarProcess], api: str = "unary"
-) -> None:
-    """Two producers per sidecar, each with 4 concurrent tasks (or one stream)."""
-    for n in range(PRODUCERS):
-        producers.start(
-            "sidecar",
-            f"producer-{n}",
-            target=sidecars[n % len(sidecars)].target,
-            entities=ENTITIES,
-            events=EVENTS_EACH,
-            tasks=4,
-            api=api,
-        )
-
-
-async def check_exactly_once_in_order(
-    nc: NatsClient, nats_url: str, stream: str, producers: Producers
-) -> None:
-    """Every event acked once, in the stream once, and every entity in order (G1, G2, G3)."""
-    replies = producers.replies()
-    total = PRODUCERS * EVENTS_EACH
-    assert len(replies) == total
-    failed = [r for r in replies if "error" in r]
-    assert not failed, failed[:5]
-    stored = await check_acked_replies_are_in_stream(nc, stream, replies)
-    keys = [m.headers["Nats-Msg-Id"].rsplit(":", 1)[1] for m in stored]
-    assert len(keys) == total, f"{len(keys)} events in the stream for {total} published"
-    assert len(set(keys)) == total, "an event was published twice"
-    status, report = run_verify(nats_url, stream)
-    assert report["patient"]["events"] == total
-    assert report["patient"]["entities"] == ENTITIES
-    violations = {k: report["patient"][k] for k in ("gaps", "duplicates", "inversions")}
-    assert violations == {"gaps": 0, "duplicates": 0, "inversions": 0}
-    assert status == 0
 
 
 @pytest.mark.parametrize("lock_backend", ["redis", "redis-quorum-3", "nats-kv"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from order_sidecar_client import Event as ClientEvent
 from order_sidecar_client import SidecarClient
 
-from .servers import SidecarProcess
+from tests.support.servers import SidecarProcess
 
 
 def _processes_using(folder: Path) -> list[str]:

@@ -7,16 +7,18 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
-from .conftest import World
-from .load import Producers, wait_for_messages
-from .servers import RedisServer, SidecarProcess
-from .test_e2e import (
+from tests.support.load import (
     EVENTS_EACH,
     PRODUCERS,
+    Producers,
     check_exactly_once_in_order,
     sidecar_options,
     start_producers,
+    wait_for_messages,
 )
+from tests.support.servers import RedisServer, SidecarProcess
+
+from .conftest import World
 
 FAULT_AFTER = PRODUCERS * EVENTS_EACH // 5
 LOCK_TTL = 2.0

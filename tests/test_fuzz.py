@@ -24,8 +24,8 @@ from order_sidecar.runtime.app import SidecarApp
 from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .helpers import stream_messages
-from .servers import NatsServer
+from tests.support.helpers import stream_messages
+from tests.support.servers import NatsServer
 
 CLEAR = {
     grpc.StatusCode.OK,

@@ -23,8 +23,8 @@ from order_sidecar.runtime.app import SidecarApp
 from order_sidecar.runtime.config import ServeConfig
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .helpers import request, stream_messages
-from .servers import NatsServer
+from tests.support.helpers import request, stream_messages
+from tests.support.servers import NatsServer
 
 BACKENDS = ["redis", "nats-kv"]
 # Lingering (20 s) far outlasts the wait (2 s): without a hand-over, the second sidecar

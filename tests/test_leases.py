@@ -15,7 +15,7 @@ from order_sidecar.runtime.config import ServeConfig
 from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, SidecarError
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .helpers import message_count, stream_messages
+from tests.support.helpers import message_count, stream_messages
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 QUICK = RetryPolicy(attempts=1, attempt_timeout=10.0)

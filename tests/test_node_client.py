@@ -16,8 +16,8 @@ import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from .helpers import StoredMessage, stream_messages
-from .servers import NatsServer, RedisServer, SidecarProcess
+from tests.support.helpers import StoredMessage, stream_messages
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 

@@ -23,8 +23,8 @@ from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, Sidecar
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from .servers import ManagedProcess, NatsServer, RedisServer, SidecarProcess, free_port
-from .test_e2e import sidecar_options
+from tests.support.load import sidecar_options
+from tests.support.servers import ManagedProcess, NatsServer, RedisServer, SidecarProcess, free_port
 
 QUICK = RetryPolicy(attempts=1, attempt_timeout=10.0)
 

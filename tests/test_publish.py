@@ -19,8 +19,8 @@ from order_sidecar_client import contract
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from redis.asyncio import Redis
 
-from .helpers import message_count, request, stream_messages
-from .servers import RedisServer, wait_until
+from tests.support.helpers import message_count, request, stream_messages
+from tests.support.servers import RedisServer, wait_until
 
 
 @pytest.fixture

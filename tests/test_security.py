@@ -27,8 +27,8 @@ from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy, Sidecar
 from order_sidecar_client import SidecarError as ClientError
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from .helpers import message_count, request
-from .tls_certs import Pki, make_pki
+from tests.support.helpers import message_count, request
+from tests.support.tls_certs import Pki, make_pki
 
 ONCE = RetryPolicy(attempts=1, attempt_timeout=5.0)
 TOKEN = "tok-3f9a1c2e7b5d4a60"

@@ -26,9 +26,9 @@ from order_sidecar.runtime.app import SidecarApp
 from order_sidecar.runtime.config import ServeConfig
 from order_sidecar_client import AsyncSidecarClient, Event, RetryPolicy
 
-from .helpers import message_count
-from .servers import NatsServer, RedisServer, SidecarProcess
-from .tls_certs import Pki, make_pki
+from tests.support.helpers import message_count
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
+from tests.support.tls_certs import Pki, make_pki
 
 ONCE = RetryPolicy(attempts=1, attempt_timeout=10.0)
 NATS_PASSWORD = "np-51c0ffee7a"

@@ -18,10 +18,9 @@ from order_sidecar.runtime.config import ServeConfig
 from order_sidecar_client import AsyncSidecarClient, Event, SidecarError
 from redis.asyncio import Redis
 
-from .helpers import message_count
-from .load import wait_for_messages
-from .servers import NatsServer, RedisServer, SidecarProcess
-from .test_e2e import sidecar_options
+from tests.support.helpers import message_count
+from tests.support.load import sidecar_options, wait_for_messages
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 
 async def test_health_and_reflection(app: SidecarApp) -> None:

@@ -11,9 +11,9 @@ from order_sidecar.jetstream.verify import OrderChecker
 from order_sidecar.runtime.app import SidecarApp
 from order_sidecar_client import AsyncSidecarClient, Event, Published, SidecarClient, SidecarError
 
-from .helpers import stream_messages
-from .servers import NatsServer, RedisServer, SidecarProcess
-from .test_e2e import sidecar_options
+from tests.support.helpers import stream_messages
+from tests.support.load import sidecar_options
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 
 async def test_stream_keeps_each_entitys_arrival_order(app: SidecarApp, nc: NatsClient) -> None:

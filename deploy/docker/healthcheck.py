@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from order_sidecar_client._channel import tls_credentials
+from order_sidecar_client.channel import tls_credentials
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")

@@ -25,7 +25,7 @@ from order_sidecar.locks.nats_kv import NatsKvLockBackend
 from order_sidecar.locks.redis import RedisLockBackend
 from redis.asyncio import Redis
 
-from ..servers import ManagedProcess, NatsServer, RedisServer
+from tests.support.servers import ManagedProcess, NatsServer, RedisServer
 
 TTL = 1.0
 
@@ -277,7 +277,7 @@ async def test_owner_crash_frees_the_lock_after_its_ttl(
     holder = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).with_name("lock_holder.py")),
+            str(Path(__file__).parents[1] / "support" / "lock_holder.py"),
             kind,
             "k-crash",
             str(TTL),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.errors
@@ -13,62 +12,22 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client import contract
 from order_sidecar_client.consumer import (
-    ConsumerConfig,
     EntityEvent,
     EntityKey,
     GapError,
     GapPolicy,
-    Handler,
-    OrderedConsumer,
-    SqlitePositionStore,
-    StaticAssignment,
     list_dead,
 )
 
-from .support import PARTITIONS, create_stream, publish, wait_for
-
-
-class Recorder:
-    """A handler that records applies (in commit order) and can fail on a payload."""
-
-    def __init__(self) -> None:
-        self.applied: list[tuple[str, int]] = []
-        self.poison: bytes | None = None
-        self.calls = 0
-
-    async def __call__(self, event: EntityEvent, tx: sqlite3.Connection) -> None:
-        self.calls += 1
-        if self.poison is not None and event.payload == self.poison:
-            raise RuntimeError("cannot apply this payload")
-        self.applied.append((event.key.entity_id, event.sequence))
-
-    def of(self, entity_id: str) -> list[int]:
-        return [s for e, s in self.applied if e == entity_id]
-
-
-@contextlib.asynccontextmanager
-async def running(
-    consumer: OrderedConsumer[sqlite3.Connection],
-) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(consumer.run())
-    try:
-        yield task
-    finally:
-        await consumer.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 15)
-
-
-def make_consumer(
-    nc: NatsClient,
-    names: dict[str, str],
-    tmp_path: Path,
-    handler: Handler[sqlite3.Connection],
-    **settings: object,
-) -> tuple[OrderedConsumer[sqlite3.Connection], SqlitePositionStore]:
-    store = SqlitePositionStore(tmp_path / "positions.db")
-    config = ConsumerConfig(stream=names["stream"], name="c", **settings)  # type: ignore[arg-type]
-    return OrderedConsumer(nc, config, store, handler, StaticAssignment(1, 0)), store
+from tests.support.consumer import (
+    PARTITIONS,
+    Recorder,
+    create_stream,
+    make_consumer,
+    publish,
+    running,
+    wait_for,
+)
 
 
 async def test_duplicates_are_acked_and_skipped_and_a_gap_goes_to_the_dlq(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client.consumer import KvLeaseAssignment, LeaseConfig, StaticAssignment
 
-from .support import wait_for
+from tests.support.consumer import wait_for
 
 PARTITIONS = 8
 

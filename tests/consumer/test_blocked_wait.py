@@ -11,8 +11,17 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar_client import contract
 from order_sidecar_client.consumer import BlockedPolicy, EntityKey, list_dead, request_replay
 
-from .support import PARTITIONS, create_stream, ids_where, in_order, publish, wait_for
-from .test_apply_once import Recorder, make_consumer, running
+from tests.support.consumer import (
+    PARTITIONS,
+    Recorder,
+    create_stream,
+    ids_where,
+    in_order,
+    make_consumer,
+    publish,
+    running,
+    wait_for,
+)
 
 
 async def test_wait_policy_holds_a_blocked_entity_in_the_stream_until_replay(

@@ -19,8 +19,15 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client.consumer import BreakerState, CircuitBreaker, EntityEvent, list_dead
 
-from .support import check_applies, create_stream, in_order, publish, wait_for
-from .test_apply_once import make_consumer, running
+from tests.support.consumer import (
+    check_applies,
+    create_stream,
+    in_order,
+    make_consumer,
+    publish,
+    running,
+    wait_for,
+)
 
 PARTITIONS = 4
 

@@ -12,8 +12,14 @@ from pathlib import Path
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client.consumer import EntityKey, list_dead
 
-from .support import create_stream, publish, wait_for
-from .test_apply_once import Recorder, make_consumer, running
+from tests.support.consumer import (
+    Recorder,
+    create_stream,
+    make_consumer,
+    publish,
+    running,
+    wait_for,
+)
 
 
 async def dlq_cli(nats_url: str, stream: str, *args: str) -> str:

@@ -13,8 +13,16 @@ from nats.aio.client import Client as NatsClient
 from order_sidecar_client import contract
 from order_sidecar_client.consumer import DeadEntry, list_dead, request_replay
 
-from .support import PARTITIONS, create_stream, ids_where, publish, wait_for
-from .test_apply_once import Recorder, make_consumer, running
+from tests.support.consumer import (
+    PARTITIONS,
+    Recorder,
+    create_stream,
+    ids_where,
+    make_consumer,
+    publish,
+    running,
+    wait_for,
+)
 
 
 async def test_malformed_messages_are_dead_lettered_without_blocking_or_crashing(

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 
-from ..servers import NatsServer
-from .support import (
+from tests.support.consumer import (
     ReplicaProcess,
     apply_log,
     check_applies,
@@ -25,6 +24,7 @@ from .support import (
     replica_rows,
     wait_for,
 )
+from tests.support.servers import NatsServer
 
 ENTITIES = {f"e{n}": 10 for n in range(6)}
 

@@ -19,10 +19,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from ..conftest import World
-from ..helpers import stream_messages
-from ..load import Producers
-from .support import (
+from tests.support.consumer import (
     ReplicaProcess,
     apply_log,
     check_applies,
@@ -32,6 +29,10 @@ from .support import (
     replica_rows,
     wait_for,
 )
+from tests.support.helpers import stream_messages
+from tests.support.load import Producers
+
+from ..conftest import World
 
 PRODUCERS = 3
 EVENTS_EACH = 300

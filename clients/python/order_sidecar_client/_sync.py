@@ -20,11 +20,10 @@ from order_sidecar_client._types import (
     SidecarError,
     acquire_request,
     batch_results,
-    finish_results,
-    pending_indexes,
     stream_result,
 )
 from order_sidecar_client.channel import PathLike, tls_credentials, token_metadata
+from order_sidecar_client.retries import finish_results, pending_indexes
 
 
 class SidecarClient:

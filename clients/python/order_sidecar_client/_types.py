@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -200,42 +200,3 @@ def stream_result(response: sidecar_pb2.PublishStreamResponse) -> BatchResult:
     if result.code == 0:
         return Published.from_response(result.response)
     return SidecarError.from_result(result)
-
-
-def pending_indexes(events: Sequence[Event], results: list[BatchResult | None]) -> list[int]:
-    """Events still to send: never answered, or answered with a retryable error, and not
-    behind an event of the same entity that failed for good (that would skip it)."""
-    pending = []
-    stopped: set[tuple[str, str]] = set()
-    for index, (event, result) in enumerate(zip(events, results, strict=True)):
-        entity = (event.entity_type, event.entity_id)
-        if entity in stopped:
-            continue
-        if isinstance(result, SidecarError) and not result.retryable:
-            stopped.add(entity)
-        elif result is None or isinstance(result, SidecarError):
-            pending.append(index)
-    return pending
-
-
-def finish_results(events: Sequence[Event], results: list[BatchResult | None]) -> list[BatchResult]:
-    """Final per-event results: an entity's events behind one that failed for good are
-    reported as not published (FAILED_PRECONDITION), so nobody resends them alone."""
-    finished: list[BatchResult] = []
-    failed_at: dict[tuple[str, str], int] = {}
-    for index, (event, result) in enumerate(zip(events, results, strict=True)):
-        entity = (event.entity_type, event.entity_id)
-        if entity in failed_at and not isinstance(result, Published):
-            result = SidecarError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"not published: event #{failed_at[entity]} of this entity failed; "
-                "send them again in order once it is fixed",
-            )
-        elif isinstance(result, SidecarError) and not result.retryable:
-            failed_at.setdefault(entity, index)
-        finished.append(
-            result
-            if result is not None
-            else SidecarError(grpc.StatusCode.UNAVAILABLE, "not answered; retry")
-        )
-    return finished

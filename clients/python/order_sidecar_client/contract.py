@@ -76,6 +76,11 @@ def subject_for(prefix: str, entity_type: str, entity_id: str, partitions: int) 
     return f"{prefix}.{entity_type}.{partition}.{entity_token(entity_id)}"
 
 
+def partition_of_subject(subject: str) -> int:
+    """The partition token of an entity subject ``{prefix}.{type}.{partition}.{token}``."""
+    return int(subject.split(".")[-2])
+
+
 def msg_id(entity_type: str, entity_id: str, idempotency_key: str) -> str:
     """The ``Nats-Msg-Id``: JetStream deduplicates stream-wide, so scope it per entity."""
     return f"{entity_type}:{entity_token(entity_id)}:{idempotency_key}"

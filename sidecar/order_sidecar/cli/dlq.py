@@ -11,21 +11,21 @@ import argparse
 import asyncio
 import json
 import os
-from typing import Any
 
+from order_sidecar_client import contract
 from order_sidecar_client.consumer import DeadEntry, list_dead, request_replay
 
 from order_sidecar.jetstream.connection import connect_nats
 
+HELP = "list or replay events the ordered consumers dead-lettered"
+DESCRIPTION = (
+    "List the dead-letter stream of an ordered consumer, or ask the consumers to re-drive "
+    "dead-lettered entities from the entity stream."
+)
 
-def add_dlq_parser(commands: Any) -> None:
-    """Add ``dlq list`` and ``dlq replay`` to the ``order-sidecar`` subcommands."""
-    dlq = commands.add_parser(
-        "dlq",
-        help="list or replay events the ordered consumers dead-lettered",
-        description="List the dead-letter stream of an ordered consumer, or ask the "
-        "consumers to re-drive dead-lettered entities from the entity stream.",
-    )
+
+def configure(dlq: argparse.ArgumentParser) -> None:
+    """Add ``dlq list`` and ``dlq replay``."""
     actions = dlq.add_subparsers(dest="dlq_command", required=True)
     for name, text in (("list", "print dead events"), ("replay", "re-drive dead entities")):
         action = actions.add_parser(name, help=text)
@@ -43,7 +43,7 @@ def add_dlq_parser(commands: Any) -> None:
             action.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
-def run_dlq(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``dlq list`` or ``dlq replay``; the exit status."""
     return asyncio.run(_run(args))
 
@@ -76,7 +76,7 @@ def _format(entries: list[DeadEntry], as_json: bool) -> str:
         {
             "entity_type": e.key.entity_type,
             "entity_id": e.key.entity_id,
-            "sequence": e.headers.get("Entity-Sequence", ""),
+            "sequence": e.headers.get(contract.HEADER_ENTITY_SEQUENCE, ""),
             "stream_sequence": e.headers.get("Dlq-Stream-Sequence", ""),
             "deliveries": e.headers.get("Dlq-Deliveries", ""),
             "reason": e.headers.get("Dlq-Reason", ""),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 from collections.abc import Mapping
@@ -13,7 +15,7 @@ from order_sidecar_client.channel import tls_credentials, token_metadata
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from order_sidecar.core.errors import ConfigError, Unauthenticated, Unavailable
-from order_sidecar.runtime.config import env_name, flag_name, option
+from order_sidecar.runtime.config import add_arguments, env_name, flag_name, from_sources, option
 from order_sidecar.runtime.security import read_secret
 
 
@@ -129,3 +131,19 @@ def format_status(status: sidecar_pb2.SidecarStatus, as_json: bool) -> str:
         at = error.at.ToDatetime().strftime("%H:%M:%S")
         lines.append(f"  {at} {error.rpc} {error.code} {error.entity_type}: {error.message}")
     return "\n".join(lines)
+
+
+HELP = "print a running sidecar's state: backends, locks, queues, last errors"
+DESCRIPTION = "Ask a running sidecar (GetStatus) and print its state."
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add status's options."""
+    add_arguments(parser, StatusConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ask the sidecar and print its answer."""
+    config = from_sources(StatusConfig, args, os.environ)
+    print(format_status(asyncio.run(fetch_status(config)), config.json))
+    return 0

@@ -12,7 +12,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 
 from order_sidecar.core.errors import Unavailable
-from order_sidecar.runtime.security import redact_url
+from order_sidecar.telemetry.logs import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "order-sidecar" / "nats"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for servers started here)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -58,7 +59,7 @@ class EmbeddedNats:
     async def start(self) -> str:
         """Start the server and wait until it accepts connections; its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self._process = process = self._spawn()
         deadline = time.monotonic() + START_TIMEOUT
         while not await self._accepts():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import nats.errors
 import nats.js.errors
@@ -20,7 +21,6 @@ from order_sidecar.core.errors import (
     Unavailable,
 )
 from order_sidecar.core.model import EntityPosition, Event, Stored, payload_digest
-from order_sidecar.runtime.config import NatsOptions
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,27 @@ META_PARTITIONS = "ordersidecar.partitions"
 _NATS_DOWN = (nats.errors.Error, asyncio.TimeoutError)
 
 
+class StreamSettings(Protocol):
+    """What the adapter needs to know of its stream (``runtime.config.NatsOptions``)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def subject_prefix(self) -> str: ...
+    @property
+    def partitions(self) -> int: ...
+    @property
+    def stream_replicas(self) -> int: ...
+    @property
+    def duplicate_window(self) -> float: ...
+    @property
+    def publish_timeout(self) -> float: ...
+
+
 class EventStream:
     """Reads and appends entity events on one JetStream stream."""
 
-    def __init__(self, nc: NatsClient, options: NatsOptions) -> None:
+    def __init__(self, nc: NatsClient, options: StreamSettings) -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=options.publish_timeout)
         self._jsm = nc.jsm(timeout=options.publish_timeout)

@@ -10,7 +10,7 @@ from order_sidecar_client.contract import entity_type_of_lock_key as entity_type
 
 from order_sidecar.core.errors import LockBackendUnavailable
 from order_sidecar.core.ports import Lease, LockBackend
-from order_sidecar.runtime.metrics import Metrics
+from order_sidecar.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

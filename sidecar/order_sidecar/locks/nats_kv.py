@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
+from order_sidecar_client import contract
 
 from order_sidecar.core.errors import ConfigError, LockBackendUnavailable
 from order_sidecar.core.ports import Lease
@@ -32,7 +33,7 @@ from order_sidecar.locks.signals import LockSignals, Wakeup, WantedHandler
 log = logging.getLogger(__name__)
 
 MIN_SERVER = (2, 11)
-EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST = contract.HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE
 MARKER_TTL = 60.0  # seconds a release's purge marker stays, so the bucket does not grow
 _FIRST_RETRY_DELAY = 0.005
 # Waiters are woken by a "freed" notice; the poll covers expiries and missed notices.

@@ -6,18 +6,25 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from order_sidecar.core.errors import SidecarError, Unauthenticated
 from order_sidecar.rpc.status import abort_rpc
-from order_sidecar.runtime.security import Secret, Secrets
 
 log = logging.getLogger(__name__)
 
 # Kubernetes' gRPC probes and load balancers cannot send a token; health says nothing secret.
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
+
+
+class Token(Protocol):
+    """A secret that shows its value only when asked (``runtime.security.Secret``)."""
+
+    def reveal(self) -> str:
+        """The secret's value."""
+        ...
 
 
 if TYPE_CHECKING:  # grpc's classes are generic only in the type stubs
@@ -29,7 +36,7 @@ if TYPE_CHECKING:  # grpc's classes are generic only in the type stubs
 class TokenCheck(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks without ``authorization: Bearer <token>``."""
 
-    def __init__(self, token: Secret) -> None:
+    def __init__(self, token: Token) -> None:
         self._expected = _digest(f"Bearer {token.reveal()}")
 
     async def intercept_service(
@@ -83,6 +90,6 @@ def _refusing(
     return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
 
 
-def server_interceptors(secrets: Secrets) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(token: Token | None) -> list[grpc.aio.ServerInterceptor]:
     """The token check when a token is configured; none otherwise."""
-    return [TokenCheck(secrets.auth_token)] if secrets.auth_token else []
+    return [TokenCheck(token)] if token else []

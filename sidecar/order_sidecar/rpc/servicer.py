@@ -29,7 +29,7 @@ from order_sidecar.rpc.batches import BatchOutcome, group_by_entity, reply_of, r
 from order_sidecar.rpc.convert import event_from_request
 from order_sidecar.rpc.leases import lease_reply, lease_terms
 from order_sidecar.rpc.status import abort_rpc, grpc_status
-from order_sidecar.runtime.metrics import Metrics, outcome_of
+from order_sidecar.telemetry.metrics import Metrics, outcome_of
 
 log = logging.getLogger(__name__)
 

@@ -34,17 +34,17 @@ from order_sidecar.locks.redis import RedisLockBackend
 from order_sidecar.rpc.auth import server_interceptors
 from order_sidecar.rpc.servicer import SidecarService
 from order_sidecar.runtime.config import ServeConfig
-from order_sidecar.runtime.metrics import Metrics
 from order_sidecar.runtime.security import (
     Secrets,
     check_redis_credentials,
     load_secrets,
     nats_options,
-    redact_url,
     redis_options,
     server_credentials,
     warn_if_exposed,
 )
+from order_sidecar.telemetry.logs import redact_url
+from order_sidecar.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class SidecarApp:
             on_fenced=self.metrics.fencing_rejections.inc,
         )
         server = grpc.aio.server(
-            interceptors=server_interceptors(self._secrets),
+            interceptors=server_interceptors(self._secrets.auth_token),
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes)],
         )
         self._service = SidecarService(

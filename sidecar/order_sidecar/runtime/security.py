@@ -23,11 +23,11 @@ from redis.asyncio import Redis
 
 from order_sidecar.core.errors import ConfigError
 from order_sidecar.runtime.config import SecurityOptions, ServeConfig, env_name, flag_name
+from order_sidecar.telemetry.logs import redact_url
 
 log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII: it travels in gRPC metadata
-_URL_USERINFO = re.compile(r"//[^/@,]*@")
 
 
 class Secret:
@@ -159,11 +159,6 @@ def read_secret(name: str, path: str, env: Mapping[str, str]) -> Secret | None:
     if not value:
         raise ConfigError(f"{flag} {path!r} is empty")
     return Secret(value)
-
-
-def redact_url(url: str) -> str:
-    """*url* without any ``user:password@`` part, for logs and error messages."""
-    return _URL_USERINFO.sub("//***@", url)
 
 
 def is_loopback(host: str) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
-from order_sidecar_tools.bench.runner import BenchConfig, _stream_mode
-from order_sidecar_tools.bench.suite import start_sidecars
+from order_sidecar_tools.bench.processes import start_sidecars
+from order_sidecar_tools.bench.runner import BenchConfig, stream_mode
 
 _IDLE_DEADLINE = 60.0
 
@@ -54,7 +54,7 @@ async def measure_rss(url: str, entities: int) -> RssReport:
         config = BenchConfig(events=entities, entities=entities, payload_bytes=256)
         async with grpc.aio.insecure_channel(child.target) as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)
-            row = await _stream_mode(config, stub, f"m{name[-8:]}")
+            row = await stream_mode(config, stub, f"m{name[-8:]}")
             loaded = rss_mb(pid)
             status = await _wait_idle(stub)
         return RssReport(

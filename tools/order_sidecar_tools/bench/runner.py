@@ -92,7 +92,7 @@ def _requests(config: BenchConfig, run: str) -> list[sidecar_pb2.PublishRequest]
     ]
 
 
-def _percentile(samples: list[float], fraction: float) -> float:
+def percentile(samples: list[float], fraction: float) -> float:
     if not samples:
         return 0.0
     ordered = sorted(samples)
@@ -175,7 +175,7 @@ async def _run_modes(
     seconds, latencies, failures = await _drive(lease_calls, config.concurrency, lease_round)
     mode = "lease round (acquire+publish+release)"
     rows.append(_row(mode, config.events, failures, seconds, latencies))
-    rows.append(await _stream_mode(config, stubs[0], f"s{run}"))
+    rows.append(await stream_mode(config, stubs[0], f"s{run}"))
     events = _requests(config, f"b{run}")
     batches: list[object] = [
         events[i : i + config.batch_size] for i in range(0, len(events), config.batch_size)
@@ -187,7 +187,7 @@ async def _run_modes(
     return rows
 
 
-async def _stream_mode(
+async def stream_mode(
     config: BenchConfig, stub: sidecar_pb2_grpc.SidecarAsyncStub, run: str
 ) -> BenchRow:
     """All events over one PublishStream; latency from sending an event to its result."""
@@ -224,8 +224,8 @@ def _row(
         first_error=failures[0] if failures else "",
         seconds=round(seconds, 3),
         events_per_s=round(events / seconds, 1),
-        call_p50_ms=round(_percentile(latencies, 0.50), 2),
-        call_p99_ms=round(_percentile(latencies, 0.99), 2),
+        call_p50_ms=round(percentile(latencies, 0.50), 2),
+        call_p99_ms=round(percentile(latencies, 0.99), 2),
     )
 
 

@@ -17,26 +17,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import nats
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from order_sidecar.jetstream.embedded import EmbeddedNats, _free_port
+from order_sidecar.jetstream.embedded import EmbeddedNats, free_port
 
-from order_sidecar_tools.bench.runner import BenchConfig, BenchRow, _percentile, run_bench
-
-if TYPE_CHECKING:
-    from order_sidecar_tools.bench.rss import RssReport
-
-ECHO_METHOD = "/ordersidecar.bench.Echo/Echo"
+from order_sidecar_tools.bench.processes import ECHO_METHOD, Child, start_sidecars
+from order_sidecar_tools.bench.rss import RssReport, measure_rss
+from order_sidecar_tools.bench.runner import BenchConfig, BenchRow, percentile, run_bench
 
 
 @dataclass
@@ -115,96 +109,23 @@ def _row(mode: str, events: int, seconds: float, latencies: list[float]) -> Benc
         failed=0,
         seconds=round(seconds, 3),
         events_per_s=round(events / seconds, 1),
-        call_p50_ms=round(_percentile(latencies, 0.50), 2),
-        call_p99_ms=round(_percentile(latencies, 0.99), 2),
+        call_p50_ms=round(percentile(latencies, 0.50), 2),
+        call_p99_ms=round(percentile(latencies, 0.99), 2),
     )
-
-
-class Child:
-    """A helper process of the suite (echo server or sidecar), stopped at the end."""
-
-    def __init__(self, args: list[str], port: int) -> None:
-        self.target = f"127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def wait_ready(self, health: bool) -> None:
-        """Wait until it answers (gRPC health, or any connection for the echo server)."""
-        deadline = time.monotonic() + 30
-        while not await self._answers(health):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bench helper {self.process.args!r} did not start")
-            await asyncio.sleep(0.05)
-
-    async def _answers(self, health: bool) -> bool:
-        try:
-            async with grpc.aio.insecure_channel(self.target) as channel:
-                if health:
-                    stub = health_pb2_grpc.HealthStub(channel)
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-                echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-                    ECHO_METHOD
-                )
-                await echo(b"", timeout=1)
-                return True
-        except grpc.RpcError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL."""
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-async def start_sidecars(url: str, count: int, name: str, redis_url: str = "") -> list[Child]:
-    """*count* sidecar processes on one stream, with nats-kv locks or Redis ones."""
-    children = []
-    locks = [f"--redis-url={redis_url}"] if redis_url else ["--lock-backend=nats-kv"]
-    for n in range(count):
-        port = _free_port()
-        children.append(
-            Child(
-                [
-                    "order_sidecar.cli",
-                    "serve",
-                    f"--nats-url={url}",
-                    f"--listen=127.0.0.1:{port}",
-                    f"--stream={name}",
-                    f"--subject-prefix={name.lower()}",
-                    *locks,
-                    f"--lock-bucket={name}_LOCKS",
-                    f"--producer-id=bench-{n}",
-                    "--log-level=WARNING",
-                    "--metrics-listen=",
-                ],
-                port,
-            )
-        )
-    for child in children:
-        await child.wait_ready(health=True)
-    return children
 
 
 async def run_suite(
     config: BenchConfig, payloads: list[int], entity_counts: list[int]
 ) -> tuple[list[SuiteRow], RssReport | None]:
     """Every mode, side by side, on one NATS server; then the memory check."""
-    from order_sidecar_tools.bench.rss import measure_rss  # it builds on this module
 
     rows: list[SuiteRow] = []
     memory = None
     with tempfile.TemporaryDirectory(prefix="order-sidecar-bench-") as scratch:
         server = EmbeddedNats(Path(scratch))
         url = await server.start()
-        echo_port = _free_port()
-        echo = Child(["order_sidecar_tools.bench.suite", str(echo_port)], echo_port)
+        echo_port = free_port()
+        echo = Child(["order_sidecar_tools.bench.processes", str(echo_port)], echo_port)
         try:
             await echo.wait_ready(health=False)
             for payload in payloads:
@@ -301,24 +222,3 @@ def write_suite_json(path: str, rows: list[SuiteRow], memory: RssReport | None) 
             out,
             indent=2,
         )
-
-
-async def serve_echo(port: int) -> None:
-    """The bare echo server: a generic handler, no protobuf work."""
-    server = grpc.aio.server()
-    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_echo)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("ordersidecar.bench.Echo", {"Echo": handler}),)
-    )
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
-
-
-async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-    return request
-
-
-if __name__ == "__main__":
-    # Started by run_suite as the echo server: python -m order_sidecar.benchsuite
-    asyncio.run(serve_echo(int(sys.argv[-1]) if sys.argv[-1].isdigit() else 0))

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
+from order_sidecar_client import contract
 from order_sidecar_client.consumer.event import (
     HEADER_ENTITY_ID,
     HEADER_ENTITY_TYPE,
@@ -101,7 +102,7 @@ class DeadLetters:
             HEADER_DELIVERIES: str(event.deliveries),
             HEADER_CONSUMER: consumer,
             HEADER_TIME: f"{time.time():.3f}",
-            "Nats-Msg-Id": f"dead:{self._stream}:{event.stream_sequence}:{round_}",
+            contract.HEADER_MSG_ID: f"dead:{self._stream}:{event.stream_sequence}:{round_}",
         }
         tail = ".".join(event.subject.split(".")[-3:])
         await self._js.publish(f"{self._prefix}.dead.{tail}", event.payload, headers=headers)

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Final
 
 from nats.aio.msg import Msg
 
-HEADER_ENTITY_TYPE: Final = "Entity-Type"
-HEADER_ENTITY_ID: Final = "Entity-Id"
-HEADER_ENTITY_SEQUENCE: Final = "Entity-Sequence"
-HEADER_ENTITY_OPERATION: Final = "Entity-Operation"
-HEADER_ENTITY_VERSION: Final = "Entity-Version"
+from order_sidecar_client.contract import (
+    HEADER_ENTITY_ID,
+    HEADER_ENTITY_OPERATION,
+    HEADER_ENTITY_SEQUENCE,
+    HEADER_ENTITY_TYPE,
+    HEADER_ENTITY_VERSION,
+    partition_of_subject,
+)
+
+__all__ = [
+    "HEADER_ENTITY_ID",
+    "HEADER_ENTITY_TYPE",
+    "EntityEvent",
+    "EntityKey",
+    "MalformedEvent",
+    "malformed_event",
+    "parse_headers",
+    "parse_msg",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class EntityEvent:
     @property
     def partition(self) -> int:
         """The partition token of the subject ``{prefix}.{type}.{partition}.{token}``."""
-        return int(self.subject.split(".")[-2])
+        return partition_of_subject(self.subject)
 
 
 class MalformedEvent(ValueError):

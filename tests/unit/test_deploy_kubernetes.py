@@ -20,7 +20,7 @@ import pytest
 import yaml
 from order_sidecar.runtime.security import is_loopback
 
-from .test_deploy_compose import (
+from tests.support.deploy import (
     DOCKERFILE,
     HEALTHCHECK,
     ROOT,

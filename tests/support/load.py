@@ -13,7 +13,8 @@ from pathlib import Path
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from .helpers import StoredMessage, message_count, stream_messages
+from tests.support.helpers import StoredMessage, message_count, stream_messages
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 WORKLOAD = Path(__file__).with_name("workload.py")
 
@@ -114,3 +115,71 @@ async def check_acked_replies_are_in_stream(
         assert message.headers["Entity-Sequence"] == str(reply["sequence"]), reply
         assert message.headers["Nats-Msg-Id"].endswith(f":{reply['key']}"), reply
     return list(stored.values())
+
+
+PRODUCERS = 6
+
+
+EVENTS_EACH = 500
+
+
+ENTITIES = 24
+
+
+def sidecar_options(
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    names: dict[str, str],
+    lock_backend: str = "redis",
+) -> dict[str, str]:
+    """Flags shared by the sidecars of one test."""
+    options = {
+        "nats_url": nats_server.url,
+        "stream": names["stream"],
+        "subject_prefix": names["subject_prefix"],
+        "lock_ttl": "2",
+        "lock_wait": "5",
+        "lock_backend": lock_backend,
+    }
+    if lock_backend == "redis":
+        options["redis_url"] = redis_server.url
+    else:
+        options["lock_bucket"] = names["lock_bucket"]
+    return options
+
+
+def start_producers(
+    producers: Producers, sidecars: list[SidecarProcess], api: str = "unary"
+) -> None:
+    """Two producers per sidecar, each with 4 concurrent tasks (or one stream)."""
+    for n in range(PRODUCERS):
+        producers.start(
+            "sidecar",
+            f"producer-{n}",
+            target=sidecars[n % len(sidecars)].target,
+            entities=ENTITIES,
+            events=EVENTS_EACH,
+            tasks=4,
+            api=api,
+        )
+
+
+async def check_exactly_once_in_order(
+    nc: NatsClient, nats_url: str, stream: str, producers: Producers
+) -> None:
+    """Every event acked once, in the stream once, and every entity in order (G1, G2, G3)."""
+    replies = producers.replies()
+    total = PRODUCERS * EVENTS_EACH
+    assert len(replies) == total
+    failed = [r for r in replies if "error" in r]
+    assert not failed, failed[:5]
+    stored = await check_acked_replies_are_in_stream(nc, stream, replies)
+    keys = [m.headers["Nats-Msg-Id"].rsplit(":", 1)[1] for m in stored]
+    assert len(keys) == total, f"{len(keys)} events in the stream for {total} published"
+    assert len(set(keys)) == total, "an event was published twice"
+    status, report = run_verify(nats_url, stream)
+    assert report["patient"]["events"] == total
+    assert report["patient"]["entities"] == ENTITIES
+    violations = {k: report["patient"][k] for k in ("gaps", "duplicates", "inversions")}
+    assert violations == {"gaps": 0, "duplicates": 0, "inversions": 0}
+    assert status == 0

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
 FIELDS = ("rpc", "code", "entity_type", "reason", "duration_ms", "backend")
+
+_URL_USERINFO = re.compile(r"//[^/@,]*@")
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +55,6 @@ def setup_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-def entity_type_of(lock_key: str) -> str:
-    """The entity type inside a lock key (``stream:type:token``), without the id."""
-    parts = lock_key.split(":")
-    return parts[1] if len(parts) > 2 else "?"
+def redact_url(url: str) -> str:
+    """*url* without any ``user:password@`` part, for logs and error messages."""
+    return _URL_USERINFO.sub("//***@", url)

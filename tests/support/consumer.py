@@ -4,19 +4,28 @@ and the apply-order check (the project's OrderChecker over the replica's apply l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
 from order_sidecar.jetstream.verify import OrderChecker, TypeReport
 from order_sidecar_client import contract
+from order_sidecar_client.consumer import (
+    ConsumerConfig,
+    EntityEvent,
+    Handler,
+    OrderedConsumer,
+    SqlitePositionStore,
+    StaticAssignment,
+)
 
-from ..servers import ManagedProcess
+from tests.support.servers import ManagedProcess
 
 REPLICA = Path(__file__).with_name("replica_proc.py")
 PARTITIONS = 4
@@ -87,7 +96,7 @@ def ids_where(
 
 
 class ReplicaProcess(ManagedProcess):
-    """``tests/consumer/replica_proc.py`` (the SQLite example with fault injection)."""
+    """``tests/support/replica_proc.py`` (the SQLite example with fault injection)."""
 
     def __init__(self, workdir: Path, name: str, options: dict[str, str]) -> None:
         super().__init__(name, workdir)
@@ -154,3 +163,46 @@ async def wait_for(
 async def _holds(condition: Callable[[], Awaitable[bool] | bool]) -> bool:
     result = condition()
     return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+
+class Recorder:
+    """A handler that records applies (in commit order) and can fail on a payload."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, int]] = []
+        self.poison: bytes | None = None
+        self.calls = 0
+
+    async def __call__(self, event: EntityEvent, tx: sqlite3.Connection) -> None:
+        self.calls += 1
+        if self.poison is not None and event.payload == self.poison:
+            raise RuntimeError("cannot apply this payload")
+        self.applied.append((event.key.entity_id, event.sequence))
+
+    def of(self, entity_id: str) -> list[int]:
+        return [s for e, s in self.applied if e == entity_id]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    consumer: OrderedConsumer[sqlite3.Connection],
+) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield task
+    finally:
+        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
+
+
+def make_consumer(
+    nc: NatsClient,
+    names: dict[str, str],
+    tmp_path: Path,
+    handler: Handler[sqlite3.Connection],
+    **settings: object,
+) -> tuple[OrderedConsumer[sqlite3.Connection], SqlitePositionStore]:
+    store = SqlitePositionStore(tmp_path / "positions.db")
+    config = ConsumerConfig(stream=names["stream"], name="c", **settings)  # type: ignore[arg-type]
+    return OrderedConsumer(nc, config, store, handler, StaticAssignment(1, 0)), store

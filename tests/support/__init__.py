@@ -1,0 +1,1 @@
+"""What the tests share: servers started and broken on free ports, workloads, checks."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from tests.support.helpers import sidecar_status
 from tests.support.load import (
     ENTITIES,
     EVENTS_EACH,
@@ -21,7 +22,7 @@ from tests.support.load import (
     sidecar_options,
     start_producers,
 )
-from tests.support.servers import NatsServer, RedisServer
+from tests.support.servers import NatsServer, RedisServer, SidecarProcess
 
 from .conftest import World
 
@@ -47,6 +48,29 @@ async def test_sidecars_keep_every_entity_in_order(lock_backend: str, world: Wor
             master.kill()
     await check_exactly_once_in_order(nc, nats_server.url, names["stream"], producers)
     assert f"locks: {backend}" in running[0].log_path.read_text()
+    await check_group_commit_was_used(running)
+
+
+async def check_group_commit_was_used(running: list[SidecarProcess]) -> None:
+    """The run went through atomic batches, not only one event per round trip."""
+    statuses = [await sidecar_status(sidecar.target) for sidecar in running]
+    assert {status.publish_path for status in statuses} == {"group-commit"}
+    assert sum(status.batches_committed for status in statuses) > 0
+    assert sum(s.batched_events for s in statuses) > sum(s.batches_committed for s in statuses)
+
+
+async def test_sidecars_keep_order_one_by_one(world: World) -> None:
+    """The path for servers without atomic batches (and --no-group-commit) keeps order too."""
+    options = sidecar_options(world.nats_server, world.redis_server, world.names)
+    options["no_group_commit"] = ""
+    running = [world.sidecars(f"sidecar-{n}", **options) for n in range(3)]
+    producers = Producers(world.tmp_path)
+    start_producers(producers, running)
+    assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
+    await check_exactly_once_in_order(world.nc, world.nats_server.url, world.stream, producers)
+    statuses = [await sidecar_status(sidecar.target) for sidecar in running]
+    assert {s.publish_path for s in statuses} == {"one-by-one (--no-group-commit)"}
+    assert sum(s.batches_committed for s in statuses) == 0
 
 
 async def test_sidecars_keep_order_through_publish_stream_at_full_speed(world: World) -> None:
@@ -56,6 +80,7 @@ async def test_sidecars_keep_order_through_publish_stream_at_full_speed(world: W
     start_producers(producers, running, api="stream")
     assert await producers.wait(300) == [0] * PRODUCERS, producers.log_tail()
     await check_exactly_once_in_order(world.nc, world.nats_server.url, world.stream, producers)
+    await check_group_commit_was_used(running)
 
 
 async def test_verify_finds_violations_of_naive_publishers(

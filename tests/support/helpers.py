@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
-from ordersidecar.v1 import sidecar_pb2
+from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,10 @@ def request(
         headers=headers or {},
         idempotency_key=idempotency_key,
     )
+
+
+async def sidecar_status(target: str) -> sidecar_pb2.SidecarStatus:
+    """A running sidecar's GetStatus answer."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = sidecar_pb2_grpc.SidecarStub(channel)
+        return await stub.GetStatus(sidecar_pb2.GetStatusRequest(), timeout=5)

@@ -215,7 +215,11 @@ class SidecarProcess(ManagedProcess):
 
     def _command(self) -> list[str]:
         options = {"metrics_listen": "127.0.0.1:0", **self.options}
-        flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+        # An empty value is a bare flag (e.g. no_group_commit="" -> --no-group-commit).
+        flags = [
+            f"--{key.replace('_', '-')}" + (f"={value}" if value else "")
+            for key, value in options.items()
+        ]
         return [
             sys.executable,
             "-m",

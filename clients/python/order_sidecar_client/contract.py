@@ -20,6 +20,10 @@ HEADER_ENTITY_OPERATION: Final = "Entity-Operation"
 HEADER_ENTITY_VERSION: Final = "Entity-Version"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+# JetStream's atomic batch publish (ADR-50): the sidecar's group commit sets these.
+HEADER_BATCH_ID: Final = "Nats-Batch-Id"
+HEADER_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+HEADER_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 RESERVED_HEADER_PREFIXES: Final = ("nats-", "entity-")
 
 OPERATIONS: Final = ("create", "update", "delete")

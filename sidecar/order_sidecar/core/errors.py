@@ -17,7 +17,9 @@
     │   └── FencingConflict                    the broker refused a stale append
     └── Unavailable             UNAVAILABLE    a server is unreachable, or the outcome unknown
         ├── LockBackendUnavailable
-        └── ShuttingDown
+        ├── ShuttingDown
+        ├── OutcomeUnknown                     no ack: the stream must be read to know
+        └── BatchRefused                       an atomic batch stored nothing (split it)
 
 Each error carries a :class:`ErrorKind` and whether a retry with the same idempotency key
 may succeed (``retryable``). Nothing here knows gRPC: ``order_sidecar.rpc.status`` holds
@@ -156,6 +158,26 @@ class LockBackendUnavailable(Unavailable):
 
 class ShuttingDown(Unavailable):
     """The sidecar is stopping and takes no new work."""
+
+
+class OutcomeUnknown(Unavailable):
+    """No ack came for an append or a batch: it may be stored or not; read the stream.
+
+    A caller told this retries with the same idempotency key, which is safe.
+    """
+
+
+class BatchRefused(Unavailable):
+    """The log refused an atomic batch as a whole and stored none of it.
+
+    Internal to the group committer, which then appends the batch's events one by one
+    (so each gets the answer that is its own: a fencing conflict, a duplicate, ...).
+    ``fenced``: the broker said an expected last sequence was stale.
+    """
+
+    def __init__(self, message: str, *, fenced: bool = False) -> None:
+        super().__init__(message)
+        self.fenced = fenced
 
 
 def internal_error(error: BaseException) -> SidecarError:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from order_sidecar_client.contract import entity_type_of_lock_key as entity_type
 
 from order_sidecar.core.errors import Contention, LockBackendUnavailable
 from order_sidecar.core.hints import PositionHints
-from order_sidecar.core.model import EntityPosition
+from order_sidecar.core.model import EntityPosition, Event, Stored
 from order_sidecar.core.ports import Lease, LockBackend
 from order_sidecar.core.tasks import cancel_and_wait
 
@@ -30,7 +31,36 @@ BACKEND_RETRY_AFTER = 1.0
 CLOSE_TIMEOUT = 5.0
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """One request's event, queued at its entity's gate.
+
+    Whoever holds the gate may take it into a chain and publish it with its own; the
+    request then finds its answer when its turn at the gate comes.
+    """
+
+    event: Event
+    #: Never taken into a chain, and no chain reaches past it (it keeps its place).
+    alone: bool = False
+    result: Stored | None = None
+    error: BaseException | None = None
+    #: Taken into a chain by the holder (undone if the holder stops before answering).
+    taken: bool = False
+
+    @property
+    def answered(self) -> bool:
+        """Whether a result or an error is in."""
+        return self.result is not None or self.error is not None
+
+    def outcome(self) -> Stored:
+        """The result, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None, "a waiter asked for its outcome before it had one"
+        return self.result
+
+
+@dataclass(slots=True)
 class EntityGate:
     """The local state of one busy entity."""
 
@@ -47,6 +77,8 @@ class EntityGate:
     #: Another sidecar waits for the lock: give it up after the request in progress.
     wanted: bool = False
     linger: asyncio.TimerHandle | None = None
+    #: Requests waiting for the gate that the holder may publish with its own (FIFO).
+    queued: deque[Waiter] = field(default_factory=deque)
 
 
 @dataclass
@@ -97,11 +129,17 @@ class EntityGates:
         return sum(max(0, gate.users - 1) for gate in self._gates.values())
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[EntityGate]:
-        """Hold *key*'s gate: requests of one entity pass one at a time, first come first."""
+    async def hold(self, key: str, waiter: Waiter | None = None) -> AsyncIterator[EntityGate]:
+        """Hold *key*'s gate: requests of one entity pass one at a time, first come first.
+
+        *waiter*: queued at the gate while this request waits its turn, so that the
+        holder may publish it along with its own event (it leaves the queue on exit).
+        """
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = self._new_gate(key)
+        if waiter is not None:
+            gate.queued.append(waiter)
         gate.users += 1
         if gate.linger is not None:
             gate.linger.cancel()
@@ -116,6 +154,8 @@ class EntityGates:
                     elif gate.users == 1 and not self._may_linger(gate):
                         await self._let_go(gate)
         finally:
+            if waiter is not None:
+                gate.queued.remove(waiter)
             gate.users -= 1
             if gate.users == 0:
                 await self._idle(gate)

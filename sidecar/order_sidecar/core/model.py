@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from order_sidecar_client import contract
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One validated entity change event."""
 
@@ -35,7 +35,7 @@ class Event:
         return sum(len(k) + len(v.encode("utf-8")) + 4 for k, v in self.headers.items())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntityPosition:
     """Where an entity stands: its last event's Entity-Sequence, stream sequence,
     Entity-Version (None when that event has none) and Nats-Msg-Id."""
@@ -57,7 +57,22 @@ class EntityPosition:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One append: *event* goes to *subject* as the event after *after*.
+
+    Fenced: only if *after* is still the subject's last (its stream sequence is the
+    broker's expected last subject sequence). In an atomic batch only an entity's first
+    append is fenced; the others follow it inside the same batch.
+    """
+
+    subject: str
+    event: Event
+    after: EntityPosition
+    fenced: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
     """An event that is in the stream."""
 

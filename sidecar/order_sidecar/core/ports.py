@@ -11,14 +11,14 @@ losing a race is a result (``None``), a backend that cannot answer raises
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from order_sidecar.core.model import EntityPosition, Event, Stored
+from order_sidecar.core.model import Append, EntityPosition, Event, Stored
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
     """A held lock on one key.
 
@@ -76,6 +76,14 @@ class LockBackend(Protocol):
         ...
 
 
+class Appender(Protocol):
+    """Where the publisher's fenced appends go: the log itself, or a group committer."""
+
+    async def append(self, subject: str, event: Event, after: EntityPosition) -> Stored:
+        """Append *event* as its entity's next event, only if *after* is still its last."""
+        ...
+
+
 class EventLog(Protocol):
     """The stream entity events are appended to, with a broker-checked fence.
 
@@ -102,4 +110,17 @@ class EventLog(Protocol):
 
     async def append(self, subject: str, event: Event, after: EntityPosition) -> Stored:
         """Append *event* as the entity's next event, only if *after* is still its last."""
+        ...
+
+
+class BatchLog(EventLog, Protocol):
+    """An EventLog that can also append many entities' events as one atomic batch."""
+
+    async def append_batch(self, appends: Sequence[Append]) -> list[Stored]:
+        """Store every append or none; one Stored per append, in order.
+
+        Raises ``BatchRefused`` when the log stored none of them (a stale fence, a
+        duplicate, a limit: the caller splits the batch), ``OutcomeUnknown`` when no ack
+        came (the caller reads the stream to learn what was stored).
+        """
         ...

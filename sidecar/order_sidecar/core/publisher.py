@@ -5,6 +5,11 @@ the entity's last event from the stream unless cached, and append the next seque
 with ``Nats-Expected-Last-Subject-Sequence``. The broker refuses an append whose
 expected sequence is stale, so order never depends on the lock; a refused append is
 re-read (from the stream leader) and retried.
+
+With group commit (``core/committer.py``), appends of many entities share one atomic
+batch, and the holder of a busy entity's gate takes the plain events queued behind it
+into one chain: one batch, fenced once, for a whole run of the entity's events. A chain
+that is refused or unacknowledged falls back to the one-by-one path above.
 """
 
 from __future__ import annotations
@@ -18,21 +23,24 @@ from dataclasses import dataclass
 
 from order_sidecar_client import contract
 
+from order_sidecar.core.committer import GroupCommitter
 from order_sidecar.core.errors import (
+    BatchRefused,
     Contention,
     EarlierEventFailed,
     FencingConflict,
     IdempotencyKeyReused,
     InvalidEvent,
     LeaseLost,
+    OutcomeUnknown,
     PreconditionFailed,
     SidecarError,
     internal_error,
 )
-from order_sidecar.core.gates import EntityGate, EntityGates
+from order_sidecar.core.gates import EntityGate, EntityGates, Waiter
 from order_sidecar.core.leases import LeaseRegistry
 from order_sidecar.core.model import EntityPosition, Event, Stored, event_digest
-from order_sidecar.core.ports import EventLog
+from order_sidecar.core.ports import Appender, EventLog
 from order_sidecar.core.validation import check_size
 
 log = logging.getLogger(__name__)
@@ -62,14 +70,23 @@ class Publisher:
         stream_name: str,
         max_attempts: int,
         on_fenced: Callable[[], None] = lambda: None,
+        committer: GroupCommitter | None = None,
     ) -> None:
+        """*committer*: group commit (atomic batches, chains); without it, one by one."""
         self._on_fenced = on_fenced
+        self._committer = committer
+        self._appender: Appender = committer or stream
         self.stream = stream
         self._gates = gates
         self.leases = leases
         self._stream_name = stream_name
         self._max_attempts = max_attempts
         self.stats = PublishStats()
+
+    @property
+    def gates(self) -> EntityGates:
+        """The entity gates (for status and metrics)."""
+        return self._gates
 
     def lock_key(self, event: Event) -> str:
         """The lock name of *event*'s entity: unique per stream, type and id."""
@@ -84,8 +101,93 @@ class Publisher:
         check_size(event, self.stream.max_payload)
         if event.lease_id:
             return await self._publish_leased(event)
-        async with self._gates.hold(self.lock_key(event)) as gate:
-            return await self._publish_held(gate, event, _deadline(budget))
+        deadline = _deadline(budget)
+        chained = self._committer is not None and _chainable(event)
+        waiter = Waiter(event, alone=not chained)
+        async with self._gates.hold(self.lock_key(event), waiter) as gate:
+            if not chained:
+                return await self._publish_held(gate, event, deadline)
+            if not waiter.answered:
+                await self._publish_waiters(gate, self._take_chain(gate, waiter), deadline)
+        return waiter.outcome()
+
+    def _take_chain(self, gate: EntityGate, own: Waiter) -> list[Waiter]:
+        """*own* and the plain events queued behind it, in arrival order, up to a batch.
+
+        Earlier arrivals have their answers already (the gate is first come, first
+        served); the run stops at the first request that must go alone (a precondition,
+        a batch or a stream request), so no request overtakes an earlier one.
+        """
+        assert self._committer is not None
+        queued = list(gate.queued)
+        chain = [own]
+        for waiter in queued[queued.index(own) + 1 :]:
+            if len(chain) >= self._committer.max_batch or waiter.alone:
+                break
+            if not (waiter.taken or waiter.answered):
+                chain.append(waiter)
+        for waiter in chain:
+            waiter.taken = True
+        return chain
+
+    async def _publish_waiters(
+        self, gate: EntityGate, chain: list[Waiter], deadline: float | None
+    ) -> None:
+        """Answer every waiter of *chain*: in one batch if it can, else one by one."""
+        try:
+            if len(chain) > 1:
+                try:
+                    stored = await self._append_chain(gate, [w.event for w in chain], deadline)
+                except SidecarError as error:  # the lock or the stream: none can go
+                    for waiter in chain:
+                        waiter.error = error
+                    return
+                if stored is not None:
+                    for waiter, item in zip(chain, stored, strict=True):
+                        waiter.result = item
+                    return
+            for waiter in chain:
+                try:
+                    waiter.result = await self._publish_held(gate, waiter.event, deadline)
+                except Exception as error:
+                    waiter.error = internal_error(error)
+        finally:
+            for waiter in chain:
+                # Interrupted before its answer: its own request publishes it at its turn
+                # (a batch that did land is then found by its message ids).
+                waiter.taken = waiter.answered
+
+    async def _append_chain(
+        self, gate: EntityGate, events: list[Event], deadline: float | None
+    ) -> list[Stored] | None:
+        """One entity's *events* as one batch, fenced once; None: go one by one instead.
+
+        Raises what keeps every one of them from going (no lock, the stream unreachable).
+        """
+        assert self._committer is not None
+        subject = self.stream.subject_for(events[0])
+        await self._gates.ensure_lease(gate, _remaining(deadline))
+        try:
+            if gate.position is None:
+                gate.position, gate.guessed = await self.stream.position(subject), False
+            stored = await self._committer.append_chain(subject, events, gate.position)
+        except (FencingConflict, BatchRefused) as refused:
+            if isinstance(refused, FencingConflict) or refused.fenced:
+                self._count_conflict(gate)
+            gate.position = None
+            return None  # one by one re-reads, and answers each event for itself
+        except OutcomeUnknown:
+            # Refused whole, or no ack: one by one re-reads and, by message id, finds
+            # what a lost ack hid.
+            gate.position = None
+            return None
+        except BaseException:
+            gate.position = None
+            raise
+        for item in stored:
+            self._count(item)
+        gate.position, gate.guessed = gate.position.after(stored[-1], events[-1]), False
+        return stored
 
     async def publish_streamed(
         self, event: Event, index: int, failed: dict[str, tuple[int, SidecarError]]
@@ -94,7 +196,7 @@ class Publisher:
         its entity; refuse it if one of those failed (*failed*: per entity, the first
         failure's index and error)."""
         key = self.lock_key(event)
-        async with self._gates.hold(key) as gate:
+        async with self._gates.hold(key, Waiter(event, alone=True)) as gate:
             earlier = failed.get(key)
             if earlier is not None and earlier[0] < index:
                 raise EarlierEventFailed(
@@ -122,8 +224,11 @@ class Publisher:
         """Publish events of one entity in order; after a failure, skip the rest."""
         deadline = _deadline(budget)
         results: list[Stored | SidecarError] = []
-        async with self._gates.hold(self.lock_key(events[0])) as gate:
-            for index, event in enumerate(events):
+        async with self._gates.hold(
+            self.lock_key(events[0]), Waiter(events[0], alone=True)
+        ) as gate:
+            done = await self._chain_in_order(gate, events, deadline, results)
+            for index, event in enumerate(events[done:], start=done):
                 try:
                     check_size(event, self.stream.max_payload)
                     if event.lease_id:
@@ -135,6 +240,41 @@ class Publisher:
                     results.extend(_skipped(events[index + 1 :], error))
                     break
         return results
+
+    async def _chain_in_order(
+        self,
+        gate: EntityGate,
+        events: Sequence[Event],
+        deadline: float | None,
+        results: list[Stored | SidecarError],
+    ) -> int:
+        """Publish the plain run at the head of *events* in batches; how many are done.
+
+        A failure that stops them all is recorded with the rest skipped (all done); a
+        refused or unacknowledged batch leaves the rest to the one-by-one path.
+        """
+        if self._committer is None or len(events) < 2:
+            return 0
+        done = 0
+        while done < len(events) and _chainable(events[done]):
+            run = []
+            for event in events[done : done + self._committer.max_batch]:
+                if not (_chainable(event) and _fits(event, self.stream.max_payload)):
+                    break  # the one-by-one loop answers it
+                run.append(event)
+            if not run:
+                return done
+            try:
+                stored = await self._append_chain(gate, run, deadline)
+            except SidecarError as error:
+                results.append(error)
+                results.extend(_skipped(events[done + 1 :], error))
+                return len(events)
+            if stored is None:
+                return done
+            results.extend(stored)
+            done += len(run)
+        return done
 
     async def _publish_held(self, gate: EntityGate, event: Event, deadline: float | None) -> Stored:
         subject = self.stream.subject_for(event)
@@ -154,7 +294,7 @@ class Publisher:
                 refusal = _precondition_result(event, gate.position, subject)
                 if refusal is not None:
                     return refusal
-                stored = await self.stream.append(subject, event, gate.position)
+                stored = await self._appender.append(subject, event, gate.position)
             except FencingConflict:
                 guessed = gate.guessed
                 gate.position, gate.guessed, from_leader = None, False, True
@@ -197,7 +337,7 @@ class Publisher:
             if refusal is not None:
                 return refusal
             try:
-                stored = await self.stream.append(lease.subject, event, lease.position)
+                stored = await self._appender.append(lease.subject, event, lease.position)
             except FencingConflict as error:
                 self.stats.fenced += 1
                 self._on_fenced()
@@ -214,11 +354,31 @@ class Publisher:
                 lease.position = lease.position.after(stored, event)
             return stored
 
+    def _count_conflict(self, gate: EntityGate) -> None:
+        if gate.guessed:
+            self.stats.stale_guesses += 1
+        else:
+            self.stats.fenced += 1
+            self._on_fenced()
+
     def _count(self, stored: Stored) -> None:
         if stored.duplicate:
             self.stats.duplicates += 1
         else:
             self.stats.published += 1
+
+
+def _fits(event: Event, max_payload: int) -> bool:
+    try:
+        check_size(event, max_payload)
+    except InvalidEvent:
+        return False
+    return True
+
+
+def _chainable(event: Event) -> bool:
+    """Whether *event* may ride in a chain: no lease, no precondition to check first."""
+    return not event.lease_id and event.expected_sequence is None and event.entity_version is None
 
 
 def _violates(event: Event, position: EntityPosition) -> bool:

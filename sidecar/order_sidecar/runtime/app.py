@@ -19,6 +19,7 @@ from nats.aio.client import Client as NatsClient
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from order_sidecar import __version__
+from order_sidecar.core.committer import GroupCommitter
 from order_sidecar.core.errors import Unavailable
 from order_sidecar.core.gates import EntityGates, LockPolicy
 from order_sidecar.core.leases import LeaseRegistry
@@ -69,6 +70,8 @@ class SidecarApp:
         self._started_at = time.monotonic()
         self._locks_up = True
         self.publisher: Publisher | None = None
+        self.committer: GroupCommitter | None = None
+        self.publish_path = "not started"
         self._service: SidecarService | None = None
         self._secrets = Secrets()
         self.port = 0
@@ -105,6 +108,7 @@ class SidecarApp:
             linger=cfg.lock_linger,
             hints=cfg.position_hints,
         )
+        self.committer = self._committer(stream)
         self.publisher = Publisher(
             stream,
             EntityGates(locks, policy),
@@ -112,6 +116,7 @@ class SidecarApp:
             cfg.stream,
             cfg.max_conflict_retries,
             on_fenced=self.metrics.fencing_rejections.inc,
+            committer=self.committer,
         )
         server = grpc.aio.server(
             interceptors=server_interceptors(self._secrets.auth_token),
@@ -156,14 +161,27 @@ class SidecarApp:
             self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_listen)
         self._watcher = asyncio.create_task(self._watch_backends())
         log.info(
-            "order-sidecar %s listening on %s (%s); stream %s on %s; locks: %s",
+            "order-sidecar %s listening on %s (%s); stream %s on %s; locks: %s; publishing: %s",
             cfg.producer_name,
             self.target,
             _transport(cfg, self._secrets),
             cfg.stream,
             redact_url(nats_url),
             self._lock_description(),
+            self.publish_path,
         )
+
+    def _committer(self, stream: EventStream) -> GroupCommitter | None:
+        """Group commit where the server and stream allow it (and it is not turned off)."""
+        cfg = self.config
+        if cfg.group_commit and stream.atomic:
+            self.publish_path = "group-commit"
+            return GroupCommitter(stream, cfg.batch_max_events, cfg.batches_in_flight)
+        if not cfg.group_commit:
+            self.publish_path = "one-by-one (--no-group-commit)"
+        else:
+            self.publish_path = "one-by-one (server before 2.12 or stream without allow_atomic)"
+        return None
 
     async def _open_locks(self, nc: NatsClient) -> LockBackend:
         cfg = self.config
@@ -184,7 +202,7 @@ class SidecarApp:
         cfg = self.config
         publisher = self.publisher
         assert publisher is not None and self._locks is not None
-        gates = publisher._gates
+        gates = publisher.gates
         held = self.metrics.registry.get_sample_value(
             "ordersidecar_locks_held", {"backend": self._locks.name}
         )
@@ -203,6 +221,9 @@ class SidecarApp:
             duplicates=publisher.stats.duplicates,
             fenced=publisher.stats.fenced,
             leases=publisher.leases.count,
+            publish_path=self.publish_path,
+            batches_committed=self.committer.stats.batches if self.committer else 0,
+            batched_events=self.committer.stats.batched_events if self.committer else 0,
         )
 
     async def _watch_backends(self) -> None:

@@ -169,6 +169,16 @@ class ServeConfig(NatsOptions, SecurityOptions):
         "when the lock backend is down: 'fence' publishes on, order kept by the broker's "
         "fencing check; 'reject' answers UNAVAILABLE",
     )
+    group_commit: bool = option(
+        True,
+        "commit the events that queue up, of many entities, as one JetStream atomic batch "
+        "with one ack (needs nats-server 2.12+ and allow_atomic on the stream; otherwise, "
+        "or with --no-group-commit, one event per round trip)",
+    )
+    batch_max_events: int = option(500, "most events in one atomic batch (JetStream: 1,000)")
+    batches_in_flight: int = option(
+        4, "atomic batches in flight at once (JetStream allows 50 per stream, all sidecars)"
+    )
     producer_id: str = option("", "name of this producer in logs (default: host-pid)")
     max_batch: int = option(1000, "most events in one PublishBatch")
     max_conflict_retries: int = option(20, "fenced publish attempts before answering ABORTED")
@@ -225,6 +235,8 @@ class ServeConfig(NatsOptions, SecurityOptions):
         check_range("max_conflict_retries", self.max_conflict_retries, 1, 1000)
         check_range("max_inflight_entities", self.max_inflight_entities, 1, 100_000)
         check_range("stream_window", self.stream_window, 1, 100_000)
+        check_range("batch_max_events", self.batch_max_events, 2, 1000)
+        check_range("batches_in_flight", self.batches_in_flight, 1, 50)
         check_range("max_streams", self.max_streams, 1, 100_000)
         check_range("max_message_bytes", self.max_message_bytes, 1024, 1024**3)
         self.check_security(self.nats_url, self.redis_url)
@@ -288,7 +300,11 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any]) -> No
         kind = _field_kind(item)
         help_text = f"{item.metadata['help']} [env {env_name(item.name)}; default {_shown(item)}]"
         flag = flag_name(item.name)
-        if kind is bool:
+        if kind is bool and item.default:
+            # On by default: --flag / --no-flag.
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=None, help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif kind is tuple:
             parser.add_argument(flag, action="append", default=None, help=help_text)

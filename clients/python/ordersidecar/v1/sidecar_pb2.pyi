@@ -467,6 +467,9 @@ class SidecarStatus(_message.Message):
     DUPLICATES_FIELD_NUMBER: _builtins.int
     FENCED_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
+    PUBLISH_PATH_FIELD_NUMBER: _builtins.int
+    BATCHES_COMMITTED_FIELD_NUMBER: _builtins.int
+    BATCHED_EVENTS_FIELD_NUMBER: _builtins.int
     LAST_ERRORS_FIELD_NUMBER: _builtins.int
     producer_id: _builtins.str
     version: _builtins.str
@@ -483,6 +486,13 @@ class SidecarStatus(_message.Message):
     duplicates: _builtins.int
     fenced: _builtins.int
     leases: _builtins.int
+    publish_path: _builtins.str
+    """How events reach the stream: "group-commit" (JetStream atomic batches) or
+    "one-by-one (why)".
+    """
+    batches_committed: _builtins.int
+    """Atomic batches committed, and the events they carried (their ratio: events per ack)."""
+    batched_events: _builtins.int
     @_builtins.property
     def last_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecentError]:
         """The last failures, newest first (at most 10)."""
@@ -505,11 +515,14 @@ class SidecarStatus(_message.Message):
         duplicates: _builtins.int = ...,
         fenced: _builtins.int = ...,
         leases: _builtins.int = ...,
+        publish_path: _builtins.str = ...,
+        batches_committed: _builtins.int = ...,
+        batched_events: _builtins.int = ...,
         last_errors: _abc.Iterable[Global___RecentError] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "entities_busy", b"entities_busy", "fenced", b"fenced", "last_errors", b"last_errors", "leases", b"leases", "lock_backend", b"lock_backend", "lock_backend_up", b"lock_backend_up", "locks_held", b"locks_held", "nats_connected", b"nats_connected", "producer_id", b"producer_id", "published", b"published", "queue_waiting", b"queue_waiting", "requests_in_flight", b"requests_in_flight", "stream", b"stream", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batched_events", b"batched_events", "batches_committed", b"batches_committed", "duplicates", b"duplicates", "entities_busy", b"entities_busy", "fenced", b"fenced", "last_errors", b"last_errors", "leases", b"leases", "lock_backend", b"lock_backend", "lock_backend_up", b"lock_backend_up", "locks_held", b"locks_held", "nats_connected", b"nats_connected", "producer_id", b"producer_id", "publish_path", b"publish_path", "published", b"published", "queue_waiting", b"queue_waiting", "requests_in_flight", b"requests_in_flight", "stream", b"stream", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,7 +94,7 @@ async def test_node_client_publishes_in_order(
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Every Node test ran; none was skipped (a missing target would skip them all).
-    assert "# pass 5" in output and "# skipped 0" in output, output
+    assert "# pass 7" in output and "# skipped 0" in output, output
     node_results: dict[str, Any] = json.loads(results_file.read_text())
 
     messages = await stream_messages(nc, names["stream"])
@@ -140,8 +140,18 @@ async def test_node_client_publishes_in_order(
     assert leased[1].headers["Entity-Version"] == "7"
     assert "Entity-Version" not in leased[0].headers
 
-    # Nothing else was published: 3 + 1 + 3 + 2 events.
-    assert len(messages) == 9
+    # The packed stream: each entity's payloads in the order sent, at sequences 1-100; of
+    # the entity with an invalid event only the event before it; the async stream's 40.
+    stream = node_results["stream"]
+    for number, entity_id in enumerate(stream["ids"]):
+        found = of_entity(messages, "order", entity_id)
+        assert [m.headers["Entity-Sequence"] for m in found] == [str(n) for n in range(1, 101)]
+        assert [int(m.payload) for m in found] == list(range(number, 300, 3))
+    assert [m.payload for m in of_entity(messages, "order", stream["bad"])] == [b"bad1"]
+    assert len(of_entity(messages, "order", stream["single"])) == 40
+
+    # Nothing else was published: 3 + 1 + 3 + 2 events, and 300 + 1 + 40 streamed.
+    assert len(messages) == 9 + 341
 
 
 async def test_node_example_runs(

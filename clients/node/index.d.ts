@@ -33,6 +33,12 @@ export interface Published {
 
 export type BatchResult = { ok: true; published: Published } | { ok: false; error: SidecarError };
 
+/** One event of a publishStream and its result, yielded as the event completes. */
+export interface StreamResult {
+  event: Event;
+  result: BatchResult;
+}
+
 export interface Lease {
   leaseId: string;
   entityType: string;
@@ -86,6 +92,15 @@ export declare class SidecarClient {
   constructor(target?: string, options?: ClientOptions);
   publish(event: Event, options?: CallOptions & { leaseId?: string }): Promise<Published>;
   publishBatch(events: Event[], options?: CallOptions): Promise<BatchResult[]>;
+  /**
+   * Publish events over one PublishStream, many per message; yields each event's result as
+   * it completes. No deadline unless `deadlineMs` is given. Throws when the call fails as a
+   * whole, or what `events` threw.
+   */
+  publishStream(
+    events: Iterable<Event> | AsyncIterable<Event>,
+    options?: CallOptions,
+  ): AsyncGenerator<StreamResult, void, undefined>;
   acquireLease(entityType: string, entityId: string, options?: LeaseOptions): Promise<Lease>;
   renewLease(leaseId: string, options?: CallOptions): Promise<Lease>;
   releaseLease(leaseId: string, options?: CallOptions): Promise<void>;

@@ -125,7 +125,193 @@ function toDuration(ms) {
   return { seconds: String(whole), nanos: Math.round((ms - whole * 1000) * 1e6) };
 }
 
+function toResult(result) {
+  return result.code === 0
+    ? { ok: true, published: toPublished(result.response) }
+    : { ok: false, error: new SidecarError(result.code, result.message) };
+}
+
 const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Bounds of one packed PublishStream message, as the Python client's: what is queued goes
+// in one message, up to this many events or about this many bytes (well under the
+// sidecar's default 4 MiB --max-message-bytes; an event larger than this goes alone).
+const PACK_EVENTS = 256;
+const PACK_BYTES = 1024 * 1024;
+// Field keys, length prefixes, the operation and the optional numbers of one event.
+const EVENT_OVERHEAD = 64;
+// Results waiting for a slow caller before the call stops reading (gRPC flow control
+// then holds the sidecar's replies back).
+const READ_AHEAD = 4 * PACK_EVENTS;
+const NOT_READY = Symbol('not ready');
+
+function wireSize(tag, request) {
+  let size = EVENT_OVERHEAD + tag.length + request.payload.length + request.idempotencyKey.length;
+  size += Buffer.byteLength(String(request.entityType ?? '')) + Buffer.byteLength(String(request.entityId ?? ''));
+  for (const [name, value] of Object.entries(request.headers)) {
+    size += Buffer.byteLength(name) + Buffer.byteLength(String(value)) + 8;
+  }
+  return size + request.leaseId.length;
+}
+
+/**
+ * The caller's events, tagged and taken in packs: `take()` waits for one event, then
+ * takes those already available (a sync iterable's next ones, an async iterable's that
+ * settle within this turn of the event loop), never waiting for more.
+ */
+class StreamFeed {
+  constructor(events) {
+    this.async = typeof events?.[Symbol.asyncIterator] === 'function';
+    if (!this.async && typeof events?.[Symbol.iterator] !== 'function') {
+      throw new TypeError('events must be an iterable or an async iterable');
+    }
+    this.source = this.async ? events[Symbol.asyncIterator]() : events[Symbol.iterator]();
+    this.number = 0;
+    this.pending = null; // an async next() that was not ready when a pack was closed
+    this.carried = null; // an event that did not fit in the last pack
+    this.ended = false;
+  }
+
+  async take() {
+    const pack = [];
+    let bytes = 0;
+    let item = this.carried || (await this._next(true));
+    this.carried = null;
+    while (item) {
+      const size = wireSize(item.tag, item.request);
+      if (pack.length && bytes + size > PACK_BYTES) {
+        this.carried = item;
+        break;
+      }
+      pack.push(item);
+      bytes += size;
+      if (pack.length >= PACK_EVENTS) break;
+      item = await this._next(false);
+    }
+    return pack;
+  }
+
+  async _next(wait) {
+    if (this.ended) return null;
+    const next = this.pending || this.source.next();
+    this.pending = null;
+    let step = next;
+    if (this.async) {
+      const turn = wait ? null : new Promise((resolve) => setImmediate(resolve, NOT_READY));
+      step = await (turn ? Promise.race([next, turn]) : next);
+      if (step === NOT_READY) {
+        this.pending = next;
+        return null;
+      }
+    }
+    if (step.done) {
+      this.ended = true;
+      return null;
+    }
+    this.number += 1;
+    return { tag: String(this.number), event: step.value, request: toRequest(step.value) };
+  }
+
+  /** Stop reading the caller's events (they are not all consumed). */
+  close() {
+    if (!this.ended) {
+      this.ended = true;
+      Promise.resolve(this.source.return?.()).catch(() => {
+        // The caller's iterator failed to close: nothing more to read from it anyway.
+      });
+    }
+  }
+}
+
+/** Replies of one PublishStream call, packed or single, queued for the caller. */
+class StreamReplies {
+  constructor(call) {
+    this.call = call;
+    this.sent = new Map();
+    this.ready = [];
+    this.done = false;
+    this.failure = null;
+    this.wake = () => {};
+    call.on('data', (response) => this._received(response));
+    call.on('error', (error) => this._finish(SidecarError.fromGrpc(error)));
+    call.on('end', () => this._finish(null));
+  }
+
+  _received(response) {
+    const items = response.results?.length ? response.results : [{ tag: response.tag, result: response.result }];
+    for (const { tag, result } of items) {
+      const event = this.sent.get(tag);
+      this.sent.delete(tag);
+      this.ready.push({ event, result: toResult(result) });
+    }
+    if (this.ready.length >= READ_AHEAD) this.call.pause();
+    this.wake();
+  }
+
+  _finish(failure) {
+    this.done = true;
+    this.failure = this.failure || failure;
+    this.wake();
+  }
+
+  /** Fail the stream with the caller's own error (it wins over the cancellation). */
+  fail(error) {
+    this.failure = error;
+    this.call.cancel();
+    this.wake();
+  }
+
+  async *results() {
+    for (;;) {
+      if (this.ready.length) {
+        const item = this.ready.shift();
+        if (this.ready.length < PACK_EVENTS && this.call.isPaused()) this.call.resume();
+        yield item;
+      } else if (this.failure) {
+        throw this.failure;
+      } else if (this.done) {
+        return;
+      } else {
+        await new Promise((resolve) => {
+          this.wake = resolve;
+        });
+      }
+    }
+  }
+}
+
+/** Resolve once the call takes writes again, or has ended. */
+function writable(call) {
+  return new Promise((resolve) => {
+    const done = () => {
+      call.off('drain', done);
+      call.off('status', done);
+      call.off('close', done);
+      resolve();
+    };
+    call.on('drain', done);
+    call.on('status', done);
+    call.on('close', done);
+  });
+}
+
+/** Write the feed's packs to the call, one message each, as fast as the call takes them. */
+async function pump(call, feed, replies) {
+  try {
+    let pack;
+    while (!replies.done && (pack = await feed.take()).length) {
+      if (replies.done) break;
+      for (const { tag, event } of pack) replies.sent.set(tag, event); // before any reply
+      const message = { events: pack.map(({ tag, request }) => ({ tag, event: request })) };
+      if (!call.write(message)) await writable(call);
+    }
+    if (!replies.done) call.end();
+  } catch (error) {
+    replies.fail(error);
+  } finally {
+    feed.close();
+  }
+}
 
 class SidecarClient {
   /**
@@ -180,11 +366,31 @@ class SidecarClient {
     if (reply.results.length !== events.length) {
       throw new SidecarError(grpc.status.INTERNAL, `sidecar answered ${reply.results.length} results for ${events.length} events`);
     }
-    return reply.results.map((result) =>
-      result.code === 0
-        ? { ok: true, published: toPublished(result.response) }
-        : { ok: false, error: new SidecarError(result.code, result.message) },
+    return reply.results.map(toResult);
+  }
+
+  /**
+   * Publish `events` (an iterable or async iterable) over one PublishStream; yields
+   * `{ event, result }` as each event completes, `result` as in publishBatch. What is
+   * queued goes out packed, many events per message, and `events` is read only as fast
+   * as the call takes messages (back-pressure). Each entity's events are published in
+   * the order given. Failed events are not retried here: after a failure the stream
+   * refuses that entity's later events, so send the failed ones again, in order. Throws
+   * when the call as a whole fails, or what `events` threw.
+   */
+  async *publishStream(events, options = {}) {
+    const feed = new StreamFeed(events);
+    const call = this.stub.PublishStream(
+      options.deadlineMs === undefined ? {} : { deadline: new Date(Date.now() + options.deadlineMs) },
     );
+    const replies = new StreamReplies(call);
+    pump(call, feed, replies);
+    try {
+      yield* replies.results();
+    } finally {
+      if (!replies.done) call.cancel(); // the caller stopped reading early
+      feed.close();
+    }
   }
 
   /**

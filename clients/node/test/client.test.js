@@ -126,3 +126,106 @@ test('a lease fences publishes and carries the entity version', { skip }, async 
   assert.equal(gone.code, status.NOT_FOUND);
   results.leased = { ...entity, sequence: leased.sequence };
 });
+
+/** Record each PublishStream call's messages: whether single, and how many packed. */
+function recordStreamMessages(client) {
+  const calls = [];
+  const open = client.stub.PublishStream.bind(client.stub);
+  client.stub.PublishStream = (...args) => {
+    const call = open(...args);
+    const traffic = { requests: [], responses: [] };
+    calls.push(traffic);
+    const write = call.write.bind(call);
+    call.write = (message, ...rest) => {
+      traffic.requests.push({ single: Boolean(message.event), packed: message.events?.length ?? 0 });
+      return write(message, ...rest);
+    };
+    call.on('data', (response) => {
+      traffic.responses.push({ single: Boolean(response.result), packed: response.results.length });
+    });
+    return call;
+  };
+  return { calls, restore: () => delete client.stub.PublishStream };
+}
+
+function assertPacked(traffic, events, { together = true } = {}) {
+  const count = (messages) => messages.reduce((sum, m) => sum + m.packed + (m.single ? 1 : 0), 0);
+  assert.ok(traffic.requests.every((m) => !m.single && m.packed > 0 && m.packed <= 256), JSON.stringify(traffic.requests));
+  assert.ok(traffic.responses.every((m) => !m.single && m.packed > 0), JSON.stringify(traffic.responses));
+  assert.equal(count(traffic.requests), events);
+  assert.equal(count(traffic.responses), events);
+  assert.ok(traffic.requests.length < events / 10, `${traffic.requests.length} request messages for ${events} events`);
+  if (together) {
+    assert.ok(traffic.responses.length < events, `${traffic.responses.length} response messages for ${events} events`);
+  }
+}
+
+test('publishStream packs events, keeps each entity in order, answers each once', { skip }, async () => {
+  const recorder = recordStreamMessages(sidecar);
+  try {
+    const ids = ['a', 'b', 'c'].map((x) => `stream-${x}-${runId}`);
+    const events = Array.from({ length: 300 }, (_, n) => ({
+      entityType: 'order',
+      entityId: ids[n % 3],
+      operation: 'update',
+      payload: String(n),
+    }));
+    // An invalid event (a Nats- header) is refused, and so are its entity's later ones.
+    const bad = `stream-bad-${runId}`;
+    const badEvents = ['create', 'update', 'update'].map((operation, n) => ({
+      entityType: 'order',
+      entityId: bad,
+      operation,
+      payload: `bad${n + 1}`,
+      headers: n === 1 ? { 'Nats-Foo': 'x' } : {},
+    }));
+    events.splice(10, 0, ...badEvents);
+    const answers = new Map();
+    for await (const { event, result } of sidecar.publishStream(events)) {
+      assert.ok(!answers.has(event), 'an event was answered twice');
+      answers.set(event, result);
+    }
+    assert.equal(answers.size, events.length);
+    assert.ok(events.every((event) => answers.has(event)));
+    for (const id of ids) {
+      const sequences = events.filter((e) => e.entityId === id).map((e) => answers.get(e).published.sequence);
+      assert.deepEqual(
+        sequences,
+        Array.from({ length: 100 }, (_, i) => BigInt(i + 1)),
+      );
+    }
+    const [bad1, bad2, bad3] = badEvents.map((e) => answers.get(e));
+    assert.ok(bad1.ok && bad1.published.sequence === 1n);
+    assert.equal(bad2.error.code, status.INVALID_ARGUMENT);
+    assert.equal(bad3.error.code, status.FAILED_PRECONDITION, String(bad3.error));
+    assertPacked(recorder.calls[0], events.length);
+
+    // An async iterable is packed too: what settles within a turn of the loop goes together.
+    const single = `stream-async-${runId}`;
+    async function* generated() {
+      for (let n = 0; n < 40; n += 1) yield { entityType: 'order', entityId: single, operation: 'update' };
+    }
+    const sequences = [];
+    for await (const { result } of sidecar.publishStream(generated())) sequences.push(result.published.sequence);
+    assert.deepEqual(
+      sequences,
+      Array.from({ length: 40 }, (_, i) => BigInt(i + 1)),
+    );
+    // One entity's events complete one at a time, so their results need not share messages.
+    assertPacked(recorder.calls[1], 40, { together: false });
+    results.stream = { ids, bad, single };
+  } finally {
+    recorder.restore();
+  }
+});
+
+test('publishStream throws what the caller\'s events threw', { skip }, async () => {
+  function* broken() {
+    yield { entityType: 'not a type!', entityId: `broken-${runId}`, operation: 'create' }; // never lands
+    throw new Error('the caller\'s generator broke');
+  }
+  const error = await (async () => {
+    for await (const _ of sidecar.publishStream(broken()));
+  })().then(() => assert.fail('the stream ended without the error'), (e) => e);
+  assert.match(String(error), /generator broke/);
+});

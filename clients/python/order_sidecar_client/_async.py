@@ -12,32 +12,87 @@ from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from order_sidecar_client._lease import AsyncLease, release_request
 from order_sidecar_client._types import (
+    PACK_EVENTS,
     BatchResult,
     Event,
     LeaseInfo,
     Published,
+    Queued,
     RetryPolicy,
     SidecarError,
     acquire_request,
     batch_results,
-    stream_result,
+    pack,
+    queued,
+    stream_request,
+    stream_results,
 )
 from order_sidecar_client.channel import PathLike, tls_credentials, token_metadata
 from order_sidecar_client.retries import finish_results, pending_indexes
 
 
-async def _tagged(
+async def _numbered(
     events: AsyncIterable[Event] | Iterable[Event],
-) -> AsyncIterator[tuple[str, Event]]:
+) -> AsyncIterator[tuple[int, Event]]:
     number = 0
     if isinstance(events, AsyncIterable):
         async for event in events:
             number += 1
-            yield str(number), event
+            yield number, event
     else:
         for event in events:
             number += 1
-            yield str(number), event
+            yield number, event
+
+
+class _StreamFeed:
+    """The caller's events, read by a task into a bounded queue and taken in packs.
+
+    The queue holds at most one message's worth: once the sidecar stops reading (its
+    window is full) and gRPC's flow control stops taking messages, the task stops reading
+    the caller's events (back-pressure)."""
+
+    def __init__(self, events: AsyncIterable[Event] | Iterable[Event]) -> None:
+        self._queue: asyncio.Queue[Queued | None] = asyncio.Queue(maxsize=PACK_EVENTS)
+        self._carried: Queued | None = None
+        self._ended = False
+        self.error: Exception | None = None
+        self._filler = asyncio.ensure_future(self._fill(events))
+
+    async def _fill(self, events: AsyncIterable[Event] | Iterable[Event]) -> None:
+        try:
+            async for number, event in _numbered(events):
+                await self._queue.put(queued(number, event))
+        except Exception as error:  # the caller's events broke: the caller gets it
+            self.error = error
+        await self._queue.put(None)
+
+    async def take(self) -> list[Queued]:
+        """The next message's events: waits for one, then takes those already queued
+        (never waiting for more); empty once the events ended."""
+        first = self._carried
+        self._carried = None
+        if first is None and not self._ended:
+            first = await self._queue.get()
+            self._ended = first is None
+        if first is None:
+            return []
+        batch, self._carried = pack(first, self._ready)
+        return batch
+
+    def _ready(self) -> Queued | None:
+        if self._ended:
+            return None
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        self._ended = item is None
+        return item
+
+    def stop(self) -> None:
+        """Stop reading the caller's events."""
+        self._filler.cancel()
 
 
 class AsyncSidecarClient:
@@ -164,36 +219,40 @@ class AsyncSidecarClient:
     ) -> AsyncIterator[tuple[Event, BatchResult]]:
         """Publish events over one PublishStream; yield (event, result) as each completes.
 
-        Events are read from *events* only as fast as the sidecar takes them. Failed events
-        are not retried here: after a failure the stream refuses that entity's later events,
-        so send the failed ones again, in order (their keys make that safe).
+        What is queued goes out packed, many events per message; *events* is read ahead
+        by at most a message's worth, as fast as the sidecar takes them. Failed events
+        are not retried here: after a failure the stream refuses that entity's later
+        events, so send the failed ones again, in order (their keys make that safe).
         """
         sent: dict[str, Event] = {}
-        # grpc swallows an error raised while it reads our requests (and cancels the
-        # call); keep it so that the caller sees it, not a bare cancellation.
-        broken: list[BaseException] = []
+        feed = _StreamFeed(events)
 
         async def requests() -> AsyncIterator[sidecar_pb2.PublishStreamRequest]:
-            try:
-                async for tag, event in _tagged(events):
-                    request = event.to_request()
-                    sent[tag] = event
-                    yield sidecar_pb2.PublishStreamRequest(tag=tag, event=request)
-            except Exception as error:
-                broken.append(error)
-                raise
+            while batch := await feed.take():
+                sent.update((tag, event) for tag, event, _ in batch)  # before any reply
+                yield stream_request(batch)
+            if feed.error is not None:
+                # grpc swallows an error raised while it reads our requests (and cancels
+                # the call); the feed keeps it so that the caller sees it, not a bare
+                # cancellation.
+                raise feed.error
 
+        call = self._stub.PublishStream(requests(), metadata=self._metadata)
         try:
-            async for response in self._stub.PublishStream(requests(), metadata=self._metadata):
-                yield sent.pop(response.tag), stream_result(response)
+            async for response in call:
+                for tag, result in stream_results(response):
+                    yield sent.pop(tag), result
         except (grpc.RpcError, asyncio.CancelledError) as stopped:
-            if broken:
-                raise broken[0] from None
+            if feed.error is not None:
+                raise feed.error from None
             if isinstance(stopped, asyncio.CancelledError):
                 raise
             raise SidecarError.from_rpc_error(stopped) from stopped
-        if broken:
-            raise broken[0]
+        finally:
+            call.cancel()  # a no-op once the call is over; else the caller stopped reading
+            feed.stop()
+        if feed.error is not None:
+            raise feed.error
 
     async def close(self) -> None:
         """Close the channel."""

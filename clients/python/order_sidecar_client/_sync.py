@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -12,15 +14,20 @@ from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from order_sidecar_client._lease import Lease, release_request
 from order_sidecar_client._types import (
+    PACK_EVENTS,
     BatchResult,
     Event,
     LeaseInfo,
     Published,
+    Queued,
     RetryPolicy,
     SidecarError,
     acquire_request,
     batch_results,
-    stream_result,
+    pack,
+    queued,
+    stream_request,
+    stream_results,
 )
 from order_sidecar_client.channel import PathLike, tls_credentials, token_metadata
 from order_sidecar_client.retries import finish_results, pending_indexes
@@ -149,31 +156,35 @@ class SidecarClient:
     def publish_stream(self, events: Iterable[Event]) -> Iterator[tuple[Event, BatchResult]]:
         """Publish events over one PublishStream; yield (event, result) as each completes.
 
-        Failed events are not retried here: after a failure the stream refuses that
-        entity's later events, so send the failed ones again, in order.
+        What is queued goes out packed, many events per message; *events* is read ahead
+        by at most a message's worth, as fast as the sidecar takes them. Failed events are
+        not retried here: after a failure the stream refuses that entity's later events,
+        so send the failed ones again, in order.
         """
         sent: dict[str, Event] = {}
-        broken: list[BaseException] = []  # grpc hides errors raised while reading requests
+        feed = _StreamFeed(events)
 
         def requests() -> Iterator[sidecar_pb2.PublishStreamRequest]:
-            try:
-                for number, event in enumerate(events, start=1):
-                    request = event.to_request()
-                    sent[str(number)] = event
-                    yield sidecar_pb2.PublishStreamRequest(tag=str(number), event=request)
-            except Exception as error:
-                broken.append(error)
-                raise
+            while batch := feed.take():
+                sent.update((tag, event) for tag, event, _ in batch)  # before any reply
+                yield stream_request(batch)
+            if feed.error is not None:
+                raise feed.error  # grpc cancels the call (and hides the error: kept in feed)
 
+        call = self._stub.PublishStream(requests(), metadata=self._metadata)
         try:
-            for response in self._stub.PublishStream(requests(), metadata=self._metadata):
-                yield sent.pop(response.tag), stream_result(response)
+            for response in call:
+                for tag, result in stream_results(response):
+                    yield sent.pop(tag), result
         except grpc.RpcError as rpc_error:
-            if broken:
-                raise broken[0] from None
+            if feed.error is not None:
+                raise feed.error from None
             raise SidecarError.from_rpc_error(rpc_error) from rpc_error
-        if broken:
-            raise broken[0]
+        finally:
+            call.cancel()  # a no-op once the call is over; else the caller stopped reading
+            feed.stop()
+        if feed.error is not None:
+            raise feed.error
 
     def close(self) -> None:
         """Close the channel."""
@@ -189,3 +200,65 @@ class SidecarClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _StreamFeed:
+    """The caller's events, read by a thread into a bounded queue and taken in packs.
+
+    The queue holds at most one message's worth: once the sidecar stops reading (its
+    window is full) and gRPC's flow control stops taking messages, the thread stops
+    reading the caller's iterable (back-pressure)."""
+
+    def __init__(self, events: Iterable[Event]) -> None:
+        self._queue: queue.Queue[Queued | None] = queue.Queue(maxsize=PACK_EVENTS)
+        self._stopped = threading.Event()
+        self._carried: Queued | None = None
+        self._ended = False
+        self.error: Exception | None = None
+        threading.Thread(
+            target=self._fill, args=(events,), name="publish-stream-feed", daemon=True
+        ).start()
+
+    def _fill(self, events: Iterable[Event]) -> None:
+        try:
+            for number, event in enumerate(events, start=1):
+                if self._stopped.is_set():
+                    return
+                self._queue.put(queued(number, event))
+        except Exception as error:  # the caller's iterable broke: the caller gets it
+            self.error = error
+        if not self._stopped.is_set():
+            self._queue.put(None)
+
+    def take(self) -> list[Queued]:
+        """The next message's events: waits for one, then takes those already queued
+        (never waiting for more); empty once the events ended or the feed stopped."""
+        first = self._carried or self._next(block=True)
+        self._carried = None
+        if first is None:
+            return []
+        batch, self._carried = pack(first, lambda: self._next(block=False))
+        return batch
+
+    def _next(self, *, block: bool) -> Queued | None:
+        if self._ended:
+            return None
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if item is None or self._stopped.is_set():
+            self._ended = True
+            return None
+        return item
+
+    def stop(self) -> None:
+        """Stop reading the caller's events; wake a take() that waits for one."""
+        self._stopped.set()
+        # Emptying the queue unblocks the thread's put, after which it sees the flag; the
+        # None then wakes gRPC's request thread if it waits in take().
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -188,15 +188,61 @@ def batch_results(response: sidecar_pb2.PublishBatchResponse, count: int) -> lis
             grpc.StatusCode.INTERNAL,
             f"sidecar answered {len(response.results)} results for {count} events",
         )
-    return [
-        Published.from_response(r.response) if r.code == 0 else SidecarError.from_result(r)
-        for r in response.results
-    ]
+    return [_result_of(r) for r in response.results]
 
 
-def stream_result(response: sidecar_pb2.PublishStreamResponse) -> BatchResult:
-    """One PublishStream result."""
-    result = response.result
+def stream_results(response: sidecar_pb2.PublishStreamResponse) -> list[tuple[str, BatchResult]]:
+    """The tagged results of one PublishStream response, packed or single."""
+    if response.results:
+        return [(tagged.tag, _result_of(tagged.result)) for tagged in response.results]
+    return [(response.tag, _result_of(response.result))]
+
+
+def _result_of(result: sidecar_pb2.PublishResult) -> BatchResult:
     if result.code == 0:
         return Published.from_response(result.response)
     return SidecarError.from_result(result)
+
+
+# Bounds of one packed PublishStreamRequest: what is queued goes in one message, up to
+# this many events or about this many bytes (well under the sidecar's default 4 MiB
+# --max-message-bytes; an event larger than this goes alone).
+PACK_EVENTS = 256
+PACK_BYTES = 1024 * 1024
+# A TaggedEvent's framing beside its tag and event: field keys and length varints.
+_TAGGED_OVERHEAD = 12
+
+#: An event queued for a stream: its tag, the event, and its request.
+Queued = tuple[str, Event, sidecar_pb2.PublishRequest]
+
+
+def queued(number: int, event: Event) -> Queued:
+    """The *number*-th event of a stream, tagged by its number."""
+    return str(number), event, event.to_request()
+
+
+def pack(first: Queued, ready: Callable[[], Queued | None]) -> tuple[list[Queued], Queued | None]:
+    """*first* and the events *ready* gives without waiting (None: none ready), within
+    the bounds of one message; and the event taken that did not fit, if any."""
+    batch, size = [first], _wire_size(first)
+    while len(batch) < PACK_EVENTS:
+        item = ready()
+        if item is None:
+            break
+        item_size = _wire_size(item)
+        if size + item_size > PACK_BYTES:
+            return batch, item
+        batch.append(item)
+        size += item_size
+    return batch, None
+
+
+def _wire_size(item: Queued) -> int:
+    return item[2].ByteSize() + len(item[0]) + _TAGGED_OVERHEAD
+
+
+def stream_request(batch: Sequence[Queued]) -> sidecar_pb2.PublishStreamRequest:
+    """One packed PublishStream message of *batch*."""
+    return sidecar_pb2.PublishStreamRequest(
+        events=[sidecar_pb2.TaggedEvent(tag=tag, event=request) for tag, _, request in batch]
+    )

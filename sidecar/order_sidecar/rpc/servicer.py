@@ -164,7 +164,7 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         # Unbounded, because the window bounds it: a slot is taken when an event is read
         # and given back once its reply is handed to gRPC, whose flow control then bounds
         # what waits for a slow reader.
-        replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None] = asyncio.Queue()
+        replies: asyncio.Queue[TaggedOutcome | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)
         if self._streams >= self._max_streams:
             refused = LimitExceeded(
@@ -174,11 +174,16 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
             self._failed("PublishStream", refused, "", time.perf_counter())
             await abort_rpc(context, refused)
         self._streams += 1
-        reader = asyncio.create_task(self._read_stream(requests, replies, window))
+        packed = _StreamForm()
+        reader = asyncio.create_task(self._read_stream(requests, replies, window, packed))
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-                window.release()
+            ended = False
+            while not ended:
+                ready, ended = await _ready_replies(replies, packed)
+                if ready:
+                    yield _stream_response(ready, packed.seen)
+                    for _ in ready:
+                        window.release()
             await reader  # re-raises what stopped the reading, if anything
         except Exception as error:
             await abort_rpc(context, error)
@@ -189,17 +194,16 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
     async def _read_stream(
         self,
         requests: AsyncIterator[sidecar_pb2.PublishStreamRequest],
-        replies: asyncio.Queue[sidecar_pb2.PublishStreamResponse | None],
+        replies: asyncio.Queue[TaggedOutcome | None],
         window: asyncio.Semaphore,
+        packed: _StreamForm,
     ) -> None:
         failed: dict[str, tuple[int, SidecarError]] = {}
         running: set[asyncio.Task[None]] = set()
 
         def answer(tag: str, outcome: BatchOutcome) -> None:
             self._metrics.count_result(outcome)
-            replies.put_nowait(
-                sidecar_pb2.PublishStreamResponse(tag=tag, result=result_of(outcome))
-            )
+            replies.put_nowait((tag, result_of(outcome)))
 
         async def publish(index: int, tag: str, event: Event) -> None:
             started = time.perf_counter()
@@ -210,24 +214,30 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
                 self._failed("PublishStream", outcome, event.entity_type, started)
             answer(tag, outcome)
 
+        def take(index: int, tag: str, request: sidecar_pb2.PublishRequest) -> None:
+            try:
+                event = event_from_request(request)
+            except SidecarError as error:
+                entity = (request.entity_type, request.entity_id)
+                failed.setdefault(self._publisher.lock_key_of(*entity), (index, error))
+                self._failed("PublishStream", error, entity[0], time.perf_counter())
+                answer(tag, error)
+                return
+            task = asyncio.create_task(publish(index, tag, event))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
         try:
             with self._tracked():
                 try:
                     index = 0
-                    async for request in requests:
-                        await window.acquire()
-                        index += 1
-                        try:
-                            event = event_from_request(request.event)
-                        except SidecarError as error:
-                            entity = (request.event.entity_type, request.event.entity_id)
-                            failed.setdefault(self._publisher.lock_key_of(*entity), (index, error))
-                            self._failed("PublishStream", error, entity[0], time.perf_counter())
-                            answer(request.tag, error)
-                            continue
-                        task = asyncio.create_task(publish(index, request.tag, event))
-                        running.add(task)
-                        task.add_done_callback(running.discard)
+                    async for message in requests:
+                        # Set before any of its events is answered: their replies go packed.
+                        packed.seen = packed.seen or bool(message.events)
+                        for tag, request in _events_of(message):
+                            await window.acquire()  # the window counts events, not messages
+                            index += 1
+                            take(index, tag, request)
                     await asyncio.gather(*running)
                 finally:
                     # The stream ended abnormally (client gone, shutdown): stop its publishes
@@ -329,6 +339,64 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
 
 
 RECENT_ERRORS = 10
+# Bounds of one packed PublishStreamResponse: far below gRPC's 4 MiB default receive
+# limit, and a reader that falls behind gets results in a few large messages.
+PACKED_RESULTS = 256
+PACKED_RESULT_BYTES = 1024 * 1024
+
+TaggedOutcome = tuple[str, sidecar_pb2.PublishResult]
+
+
+class _StreamForm:
+    """Whether a stream has sent a packed request, after which its replies go packed."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+
+def _events_of(
+    message: sidecar_pb2.PublishStreamRequest,
+) -> Iterator[tuple[str, sidecar_pb2.PublishRequest]]:
+    """A stream message's events in order: the single one first, then the packed ones.
+
+    A message without any is an old-style message with an empty event, which is refused
+    as before, so that every message of an old client still gets its answer."""
+    if message.HasField("event") or not message.events:
+        yield message.tag, message.event
+    for tagged in message.events:
+        yield tagged.tag, tagged.event
+
+
+async def _ready_replies(
+    replies: asyncio.Queue[TaggedOutcome | None], form: _StreamForm
+) -> tuple[list[TaggedOutcome], bool]:
+    """Wait for one reply, then (on a packed stream) take those already waiting too, up
+    to the bounds of a packed response, never waiting for more; and whether the reading
+    has ended."""
+    first = await replies.get()
+    if first is None:
+        return [], True
+    ready, size = [first], first[1].ByteSize()
+    while form.seen and len(ready) < PACKED_RESULTS and size < PACKED_RESULT_BYTES:
+        try:
+            item = replies.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        if item is None:
+            return ready, True
+        ready.append(item)
+        size += item[1].ByteSize()
+    return ready, False
+
+
+def _stream_response(ready: list[TaggedOutcome], packed: bool) -> sidecar_pb2.PublishStreamResponse:
+    """One response message: packed results, or (before any packed request) one result."""
+    if packed:
+        return sidecar_pb2.PublishStreamResponse(
+            results=[sidecar_pb2.TaggedResult(tag=tag, result=result) for tag, result in ready]
+        )
+    ((tag, result),) = ready
+    return sidecar_pb2.PublishStreamResponse(tag=tag, result=result)
 
 
 def _log_failure(rpc: str, error: BaseException, entity_type: str, started: float) -> None:

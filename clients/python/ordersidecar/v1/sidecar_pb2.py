@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dordersidecar/v1/sidecar.proto\x12\x0fordersidecar.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x02\n\x0ePublishRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12-\n\toperation\x18\x03 \x01(\x0e\x32\x1a.ordersidecar.v1.Operation\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12=\n\x07headers\x18\x05 \x03(\x0b\x32,.ordersidecar.v1.PublishRequest.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x10\n\x08lease_id\x18\x07 \x01(\t\x12\x1e\n\x11\x65xpected_sequence\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0e\x65ntity_version\x18\t \x01(\x04H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_expected_sequenceB\x11\n\x0f_entity_version\"`\n\x0fPublishResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0fstream_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.ordersidecar.v1.PublishRequest\"b\n\rPublishResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32 .ordersidecar.v1.PublishResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"G\n\x14PublishBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.ordersidecar.v1.PublishResult\"S\n\x14PublishStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1f.ordersidecar.v1.PublishRequest\"T\n\x15PublishStreamResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.ordersidecar.v1.PublishResult\"\x96\x01\n\x13\x41\x63quireLeaseRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdc\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x02 \x01(\t\x12\x11\n\tentity_id\x18\x03 \x01(\t\x12\x15\n\rfencing_token\x18\x04 \x01(\x04\x12\x19\n\x0clast_version\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0f\n\r_last_version\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"\x12\n\x10GetStatusRequest\"\xc5\x03\n\rSidecarStatus\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x16\n\x0enats_connected\x18\x05 \x01(\x08\x12\x14\n\x0clock_backend\x18\x06 \x01(\t\x12\x17\n\x0flock_backend_up\x18\x07 \x01(\x08\x12\x12\n\nlocks_held\x18\x08 \x01(\x04\x12\x15\n\rentities_busy\x18\t \x01(\x04\x12\x15\n\rqueue_waiting\x18\n \x01(\x04\x12\x1a\n\x12requests_in_flight\x18\x0b \x01(\x04\x12\x11\n\tpublished\x18\x0c \x01(\x04\x12\x12\n\nduplicates\x18\r \x01(\x04\x12\x0e\n\x06\x66\x65nced\x18\x0e \x01(\x04\x12\x0e\n\x06leases\x18\x0f \x01(\x04\x12\x14\n\x0cpublish_path\x18\x11 \x01(\t\x12\x19\n\x11\x62\x61tches_committed\x18\x12 \x01(\x04\x12\x16\n\x0e\x62\x61tched_events\x18\x13 \x01(\x04\x12\x31\n\x0blast_errors\x18\x10 \x03(\x0b\x32\x1c.ordersidecar.v1.RecentError\"v\n\x0bRecentError\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03rpc\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*h\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x32\xdd\x04\n\x07Sidecar\x12L\n\x07Publish\x12\x1f.ordersidecar.v1.PublishRequest\x1a .ordersidecar.v1.PublishResponse\x12[\n\x0cPublishBatch\x12$.ordersidecar.v1.PublishBatchRequest\x1a%.ordersidecar.v1.PublishBatchResponse\x12\x62\n\rPublishStream\x12%.ordersidecar.v1.PublishStreamRequest\x1a&.ordersidecar.v1.PublishStreamResponse(\x01\x30\x01\x12N\n\tGetStatus\x12!.ordersidecar.v1.GetStatusRequest\x1a\x1e.ordersidecar.v1.SidecarStatus\x12L\n\x0c\x41\x63quireLease\x12$.ordersidecar.v1.AcquireLeaseRequest\x1a\x16.ordersidecar.v1.Lease\x12H\n\nRenewLease\x12\".ordersidecar.v1.RenewLeaseRequest\x1a\x16.ordersidecar.v1.Lease\x12[\n\x0cReleaseLease\x12$.ordersidecar.v1.ReleaseLeaseRequest\x1a%.ordersidecar.v1.ReleaseLeaseResponseBDZBgithub.com/nats-order-sidecar/proto/ordersidecar/v1;ordersidecarv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dordersidecar/v1/sidecar.proto\x12\x0fordersidecar.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x02\n\x0ePublishRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12-\n\toperation\x18\x03 \x01(\x0e\x32\x1a.ordersidecar.v1.Operation\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12=\n\x07headers\x18\x05 \x03(\x0b\x32,.ordersidecar.v1.PublishRequest.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x10\n\x08lease_id\x18\x07 \x01(\t\x12\x1e\n\x11\x65xpected_sequence\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0e\x65ntity_version\x18\t \x01(\x04H\x01\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_expected_sequenceB\x11\n\x0f_entity_version\"`\n\x0fPublishResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0fstream_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.ordersidecar.v1.PublishRequest\"b\n\rPublishResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32 .ordersidecar.v1.PublishResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"G\n\x14PublishBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.ordersidecar.v1.PublishResult\"J\n\x0bTaggedEvent\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1f.ordersidecar.v1.PublishRequest\"K\n\x0cTaggedResult\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.ordersidecar.v1.PublishResult\"\x81\x01\n\x14PublishStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1f.ordersidecar.v1.PublishRequest\x12,\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1c.ordersidecar.v1.TaggedEvent\"\x84\x01\n\x15PublishStreamResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.ordersidecar.v1.PublishResult\x12.\n\x07results\x18\x03 \x03(\x0b\x32\x1d.ordersidecar.v1.TaggedResult\"\x96\x01\n\x13\x41\x63quireLeaseRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdc\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x02 \x01(\t\x12\x11\n\tentity_id\x18\x03 \x01(\t\x12\x15\n\rfencing_token\x18\x04 \x01(\x04\x12\x19\n\x0clast_version\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0f\n\r_last_version\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"\x12\n\x10GetStatusRequest\"\xc5\x03\n\rSidecarStatus\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x16\n\x0enats_connected\x18\x05 \x01(\x08\x12\x14\n\x0clock_backend\x18\x06 \x01(\t\x12\x17\n\x0flock_backend_up\x18\x07 \x01(\x08\x12\x12\n\nlocks_held\x18\x08 \x01(\x04\x12\x15\n\rentities_busy\x18\t \x01(\x04\x12\x15\n\rqueue_waiting\x18\n \x01(\x04\x12\x1a\n\x12requests_in_flight\x18\x0b \x01(\x04\x12\x11\n\tpublished\x18\x0c \x01(\x04\x12\x12\n\nduplicates\x18\r \x01(\x04\x12\x0e\n\x06\x66\x65nced\x18\x0e \x01(\x04\x12\x0e\n\x06leases\x18\x0f \x01(\x04\x12\x14\n\x0cpublish_path\x18\x11 \x01(\t\x12\x19\n\x11\x62\x61tches_committed\x18\x12 \x01(\x04\x12\x16\n\x0e\x62\x61tched_events\x18\x13 \x01(\x04\x12\x31\n\x0blast_errors\x18\x10 \x03(\x0b\x32\x1c.ordersidecar.v1.RecentError\"v\n\x0bRecentError\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03rpc\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t*h\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_CREATE\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x32\xdd\x04\n\x07Sidecar\x12L\n\x07Publish\x12\x1f.ordersidecar.v1.PublishRequest\x1a .ordersidecar.v1.PublishResponse\x12[\n\x0cPublishBatch\x12$.ordersidecar.v1.PublishBatchRequest\x1a%.ordersidecar.v1.PublishBatchResponse\x12\x62\n\rPublishStream\x12%.ordersidecar.v1.PublishStreamRequest\x1a&.ordersidecar.v1.PublishStreamResponse(\x01\x30\x01\x12N\n\tGetStatus\x12!.ordersidecar.v1.GetStatusRequest\x1a\x1e.ordersidecar.v1.SidecarStatus\x12L\n\x0c\x41\x63quireLease\x12$.ordersidecar.v1.AcquireLeaseRequest\x1a\x16.ordersidecar.v1.Lease\x12H\n\nRenewLease\x12\".ordersidecar.v1.RenewLeaseRequest\x1a\x16.ordersidecar.v1.Lease\x12[\n\x0cReleaseLease\x12$.ordersidecar.v1.ReleaseLeaseRequest\x1a%.ordersidecar.v1.ReleaseLeaseResponseBDZBgithub.com/nats-order-sidecar/proto/ordersidecar/v1;ordersidecarv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/nats-order-sidecar/proto/ordersidecar/v1;ordersidecarv1'
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_OPERATION']._serialized_start=2084
-  _globals['_OPERATION']._serialized_end=2188
+  _globals['_OPERATION']._serialized_start=2333
+  _globals['_OPERATION']._serialized_end=2437
   _globals['_PUBLISHREQUEST']._serialized_start=116
   _globals['_PUBLISHREQUEST']._serialized_end=492
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._serialized_start=405
@@ -50,26 +50,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHRESULT']._serialized_end=762
   _globals['_PUBLISHBATCHRESPONSE']._serialized_start=764
   _globals['_PUBLISHBATCHRESPONSE']._serialized_end=835
-  _globals['_PUBLISHSTREAMREQUEST']._serialized_start=837
-  _globals['_PUBLISHSTREAMREQUEST']._serialized_end=920
-  _globals['_PUBLISHSTREAMRESPONSE']._serialized_start=922
-  _globals['_PUBLISHSTREAMRESPONSE']._serialized_end=1006
-  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1009
-  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1159
-  _globals['_LEASE']._serialized_start=1162
-  _globals['_LEASE']._serialized_end=1382
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1384
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1421
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1423
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1462
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1464
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1486
-  _globals['_GETSTATUSREQUEST']._serialized_start=1488
-  _globals['_GETSTATUSREQUEST']._serialized_end=1506
-  _globals['_SIDECARSTATUS']._serialized_start=1509
-  _globals['_SIDECARSTATUS']._serialized_end=1962
-  _globals['_RECENTERROR']._serialized_start=1964
-  _globals['_RECENTERROR']._serialized_end=2082
-  _globals['_SIDECAR']._serialized_start=2191
-  _globals['_SIDECAR']._serialized_end=2796
+  _globals['_TAGGEDEVENT']._serialized_start=837
+  _globals['_TAGGEDEVENT']._serialized_end=911
+  _globals['_TAGGEDRESULT']._serialized_start=913
+  _globals['_TAGGEDRESULT']._serialized_end=988
+  _globals['_PUBLISHSTREAMREQUEST']._serialized_start=991
+  _globals['_PUBLISHSTREAMREQUEST']._serialized_end=1120
+  _globals['_PUBLISHSTREAMRESPONSE']._serialized_start=1123
+  _globals['_PUBLISHSTREAMRESPONSE']._serialized_end=1255
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1258
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1408
+  _globals['_LEASE']._serialized_start=1411
+  _globals['_LEASE']._serialized_end=1631
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1633
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1670
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1672
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1711
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1713
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1735
+  _globals['_GETSTATUSREQUEST']._serialized_start=1737
+  _globals['_GETSTATUSREQUEST']._serialized_end=1755
+  _globals['_SIDECARSTATUS']._serialized_start=1758
+  _globals['_SIDECARSTATUS']._serialized_end=2211
+  _globals['_RECENTERROR']._serialized_start=2213
+  _globals['_RECENTERROR']._serialized_end=2331
+  _globals['_SIDECAR']._serialized_start=2440
+  _globals['_SIDECAR']._serialized_end=3045
 # @@protoc_insertion_point(module_scope)

@@ -252,13 +252,15 @@ class PublishBatchResponse(_message.Message):
 Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
 
 @_typing.final
-class PublishStreamRequest(_message.Message):
+class TaggedEvent(_message.Message):
+    """One event of a packed PublishStreamRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TAG_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
-    """Any string; echoed in the event's response."""
+    """Any string; echoed in the event's result."""
     @_builtins.property
     def event(self) -> Global___PublishRequest: ...
     def __init__(
@@ -273,10 +275,12 @@ class PublishStreamRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PublishStreamRequest: _TypeAlias = PublishStreamRequest  # noqa: Y015
+Global___TaggedEvent: _TypeAlias = TaggedEvent  # noqa: Y015
 
 @_typing.final
-class PublishStreamResponse(_message.Message):
+class TaggedResult(_message.Message):
+    """One event's result in a packed PublishStreamResponse."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TAG_FIELD_NUMBER: _builtins.int
@@ -293,6 +297,81 @@ class PublishStreamResponse(_message.Message):
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaggedResult: _TypeAlias = TaggedResult  # noqa: Y015
+
+@_typing.final
+class PublishStreamRequest(_message.Message):
+    """One message of a PublishStream call: a single event (tag, event), many (events), or
+    both. Packing rules:
+    - A message with a single event and events is taken single first, then events, in
+      order; each event counts once towards --stream-window (events, not messages).
+    - A message without a single event is taken as packed only; one with neither is an
+      old-style message with an empty event (refused with INVALID_ARGUMENT).
+    - Every event gets exactly one result. Until a stream has sent a message with events,
+      the sidecar answers it with single responses (tag, result), one per event, as before
+      packing existed; from then on it answers with packed responses (results only), each
+      carrying the results that completed together, without waiting for more.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """Any string; echoed in the event's response."""
+    @_builtins.property
+    def event(self) -> Global___PublishRequest:
+        """The single event; unset in a packed-only message."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaggedEvent]:
+        """Many events, each with its tag, taken in order after the single event."""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        event: Global___PublishRequest | None = ...,
+        events: _abc.Iterable[Global___TaggedEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishStreamRequest: _TypeAlias = PublishStreamRequest  # noqa: Y015
+
+@_typing.final
+class PublishStreamResponse(_message.Message):
+    """Either a single result (tag, result) or, on a stream that has sent packed requests,
+    many (results, in the order they completed); never both.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    @_builtins.property
+    def result(self) -> Global___PublishResult: ...
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaggedResult]: ...
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        result: Global___PublishResult | None = ...,
+        results: _abc.Iterable[Global___TaggedResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "results", b"results", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

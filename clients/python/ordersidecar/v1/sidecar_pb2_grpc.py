@@ -102,6 +102,8 @@ class SidecarServicer:
         (reading pauses beyond that: back-pressure). Once an event fails, this stream
         refuses its entity's later events (ABORTED when a retry may pass, else
         FAILED_PRECONDITION): send them again, in order, with the same keys.
+        A message may carry one event (tag, event) or many (events); see
+        PublishStreamRequest for the packing rules.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

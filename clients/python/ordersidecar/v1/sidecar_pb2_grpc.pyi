@@ -57,6 +57,8 @@ class SidecarStub:
     (reading pauses beyond that: back-pressure). Once an event fails, this stream
     refuses its entity's later events (ABORTED when a retry may pass, else
     FAILED_PRECONDITION): send them again, in order, with the same keys.
+    A message may carry one event (tag, event) or many (events); see
+    PublishStreamRequest for the packing rules.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]
     """The sidecar's state for operators (`order-sidecar status`): backends, locks,
@@ -100,6 +102,8 @@ class SidecarAsyncStub(SidecarStub):
     (reading pauses beyond that: back-pressure). Once an event fails, this stream
     refuses its entity's later events (ABORTED when a retry may pass, else
     FAILED_PRECONDITION): send them again, in order, with the same keys.
+    A message may carry one event (tag, event) or many (events); see
+    PublishStreamRequest for the packing rules.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_sidecar_pb2.GetStatusRequest, _sidecar_pb2.SidecarStatus]  # type: ignore[assignment]
     """The sidecar's state for operators (`order-sidecar status`): backends, locks,
@@ -158,6 +162,8 @@ class SidecarServicer(metaclass=_abc_1.ABCMeta):
         (reading pauses beyond that: back-pressure). Once an event fails, this stream
         refuses its entity's later events (ABORTED when a retry may pass, else
         FAILED_PRECONDITION): send them again, in order, with the same keys.
+        A message may carry one event (tag, event) or many (events); see
+        PublishStreamRequest for the packing rules.
         """
 
     @_abc_1.abstractmethod

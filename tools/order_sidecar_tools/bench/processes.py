@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,8 +61,11 @@ class Child:
             self.process.kill()
 
 
-async def start_sidecars(url: str, count: int, name: str, redis_url: str = "") -> list[Child]:
-    """*count* sidecar processes on one stream, with nats-kv locks or Redis ones."""
+async def start_sidecars(
+    url: str, count: int, name: str, redis_url: str = "", extra: Sequence[str] = ()
+) -> list[Child]:
+    """*count* sidecar processes on one stream, with nats-kv locks or Redis ones; *extra*:
+    more ``serve`` flags."""
     children = []
     locks = [f"--redis-url={redis_url}"] if redis_url else ["--lock-backend=nats-kv"]
     for n in range(count):
@@ -80,12 +84,18 @@ async def start_sidecars(url: str, count: int, name: str, redis_url: str = "") -
                     f"--producer-id=bench-{n}",
                     "--log-level=WARNING",
                     "--metrics-listen=",
+                    *extra,
                 ],
                 port,
             )
         )
-    for child in children:
-        await child.wait_ready(health=True)
+    try:
+        for child in children:
+            await child.wait_ready(health=True)
+    except BaseException:
+        for child in children:
+            child.stop()
+        raise
     return children
 
 

@@ -1,8 +1,9 @@
 """The suite's memory check (target T5): a sidecar's RSS after many distinct entities.
 
-One sidecar process writes one event to each of N new entities over a PublishStream;
-its resident set is read from /proc before, right after, and once every lock it kept
-has been let go (its per-entity gates freed; only the bounded position hints remain).
+One sidecar process writes one event to each of N new entities (1,000,000 by default),
+in ``PublishBatch`` calls of 1,000 events with 8 calls in flight; its resident set is
+read from /proc before, right after, and once every lock it kept has been let go (its
+per-entity gates freed; only the bounded position hints remain).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import grpc
 from ordersidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 from order_sidecar_tools.bench.processes import start_sidecars
-from order_sidecar_tools.bench.runner import BenchConfig, stream_mode
+from order_sidecar_tools.bench.runner import BenchRow, drive, make_row
 
 _IDLE_DEADLINE = 60.0
+BATCH_EVENTS = 1000
+"""Events per PublishBatch call of the memory check (the sidecar's --max-batch)."""
+BATCHES_IN_FLIGHT = 8
 
 
 @dataclass
@@ -28,6 +32,11 @@ class RssReport:
 
     entities: int
     events_per_s: float
+    seconds: float
+    batch_events: int
+    batches_in_flight: int
+    call_p50_ms: float
+    call_p99_ms: float
     rss_start_mb: float
     rss_loaded_mb: float
     rss_idle_mb: float
@@ -44,22 +53,26 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-async def measure_rss(url: str, entities: int) -> RssReport:
+async def measure_rss(url: str, entities: int, redis_url: str = "") -> RssReport:
     """Write one event to each of *entities* new entities through one sidecar process."""
     name = f"BENCH_{uuid.uuid4().hex[:8]}"
-    (child,) = await start_sidecars(url, 1, name)
+    (child,) = await start_sidecars(url, 1, name, redis_url)
     pid = child.process.pid
     try:
         start = rss_mb(pid)
-        config = BenchConfig(events=entities, entities=entities, payload_bytes=256)
         async with grpc.aio.insecure_channel(child.target) as channel:
             stub = sidecar_pb2_grpc.SidecarStub(channel)
-            row = await stream_mode(config, stub, f"m{name[-8:]}")
+            row = await _write_entities(stub, entities, f"m{name[-8:]}")
             loaded = rss_mb(pid)
             status = await _wait_idle(stub)
         return RssReport(
             entities=entities,
             events_per_s=row.events_per_s,
+            seconds=row.seconds,
+            batch_events=BATCH_EVENTS,
+            batches_in_flight=BATCHES_IN_FLIGHT,
+            call_p50_ms=row.call_p50_ms,
+            call_p99_ms=row.call_p99_ms,
             rss_start_mb=start,
             rss_loaded_mb=loaded,
             rss_idle_mb=rss_mb(pid),
@@ -69,6 +82,33 @@ async def measure_rss(url: str, entities: int) -> RssReport:
         )
     finally:
         child.stop()
+
+
+async def _write_entities(
+    stub: sidecar_pb2_grpc.SidecarAsyncStub, entities: int, run: str
+) -> BenchRow:
+    """One event to each entity, a batch's requests built only when it is sent."""
+    payload = b"x" * 256
+
+    async def send(first: object) -> list[str]:
+        start: int = first  # type: ignore[assignment]
+        events = [
+            sidecar_pb2.PublishRequest(
+                entity_type="bench",
+                entity_id=f"{run}-{n}",
+                operation=sidecar_pb2.OPERATION_CREATE,
+                payload=payload,
+                idempotency_key=f"{run}-{n}",
+            )
+            for n in range(start, min(start + BATCH_EVENTS, entities))
+        ]
+        reply = await stub.PublishBatch(sidecar_pb2.PublishBatchRequest(events=events), timeout=120)
+        return [result.message for result in reply.results if result.code != 0]
+
+    firsts: list[object] = list(range(0, entities, BATCH_EVENTS))
+    seconds, latencies, failures = await drive(firsts, BATCHES_IN_FLIGHT, send)
+    mode = f"PublishBatch ({BATCH_EVENTS}/call, {BATCHES_IN_FLIGHT} in flight)"
+    return make_row(mode, entities, failures, seconds, latencies)
 
 
 async def _wait_idle(stub: sidecar_pb2_grpc.SidecarAsyncStub) -> sidecar_pb2.SidecarStatus:

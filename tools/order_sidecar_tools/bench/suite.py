@@ -1,223 +1,192 @@
 """``order-sidecar bench --suite``: the sidecar against the broker's own speed, in one run.
 
-On one embedded nats-server (or ``--nats-url``) it measures, side by side:
+On one embedded nats-server (and, for its rows, a 3-node cluster) it measures, side by
+side, in row groups (``--suite-only`` picks some; default all, in this order):
 
-- raw nats-py publish awaiting each ack (the seed's "maxAck=1");
-- raw pipelined ``publish_async`` with 64 in flight (what the broker can do unordered);
-- a bare grpc.aio echo server (the gRPC floor for a unary call);
-- sidecar processes (nats-kv locks, or Redis with ``--suite-redis-url``): unary
-  ``Publish``, a lease round, ``PublishStream`` and ``PublishBatch``,
+- ``grid`` (T1-T4): raw nats-py publish awaiting each ack and pipelined with 64 in
+  flight, a bare grpc.aio echo, and sidecar processes (nats-kv locks, or Redis with
+  ``--suite-redis-url``) with unary ``Publish``, a lease round, ``PublishStream`` and
+  ``PublishBatch``, per payload size and entity count, with 1 sidecar and with 3
+  (each sidecar's share of the events);
+- ``consumer`` (T6): a raw pull consumer and the ordered consumer with 1 and 3 replicas;
+- ``latency`` (T7): unary ``Publish``, raw publish and the echo at a fixed open-loop rate;
+- ``cluster``: raw pipelined publish and one sidecar's ``PublishBatch`` on an R3 stream;
+- ``memory`` (T5): one sidecar's RSS after 1,000,000 new entities.
 
-for each payload size and entity count, with 1 sidecar and with 3. Every row carries
-its ratio to raw pipelined publish of the same payload.
+Every row carries its ratio to its group's baseline; the target lines divide the rows
+each target compares.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-import sys
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
-import nats
 from order_sidecar.jetstream.embedded import EmbeddedNats, free_port
 
-from order_sidecar_tools.bench.processes import ECHO_METHOD, Child, start_sidecars
-from order_sidecar_tools.bench.rss import RssReport, measure_rss
-from order_sidecar_tools.bench.runner import BenchConfig, BenchRow, percentile, run_bench
+from order_sidecar_tools.bench.cluster import run_cluster
+from order_sidecar_tools.bench.consumers import run_consumers
+from order_sidecar_tools.bench.grid import run_grid
+from order_sidecar_tools.bench.latency import run_latency
+from order_sidecar_tools.bench.processes import Child
+from order_sidecar_tools.bench.rows import SuiteContext, SuiteRow, progress
+from order_sidecar_tools.bench.rss import RssReport, format_rss, measure_rss
+from order_sidecar_tools.bench.runner import BenchConfig, BenchRow
+from order_sidecar_tools.bench.targets import TargetLine, target_lines
+
+Group = Callable[[SuiteContext], Awaitable[list[SuiteRow]]]
+_ROW_GROUPS: dict[str, Group] = {
+    "grid": run_grid,
+    "consumer": run_consumers,
+    "latency": run_latency,
+    "cluster": run_cluster,
+}
 
 
 @dataclass
-class SuiteRow:
-    """One measured mode in one setting."""
+class SuiteResult:
+    """Everything one suite run measured."""
 
-    setting: str
-    row: BenchRow
-    ratio: float = 0.0
+    groups: list[str]
+    rows: list[SuiteRow] = field(default_factory=list)
+    memory: RssReport | None = None
+    targets: list[TargetLine] = field(default_factory=list)
+    seconds: float = 0.0
 
-
-def _progress(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
-
-
-async def raw_publish(
-    url: str, events: int, payload: bytes, entities: int, window: int
-) -> BenchRow:
-    """JetStream publish straight from nats-py: one at a time (window 1) or pipelined."""
-    nc = await nats.connect(url)
-    js = nc.jetstream(publish_async_max_pending=max(window, 1))
-    prefix = f"raw{uuid.uuid4().hex[:8]}"
-    await js.add_stream(name=prefix.upper(), subjects=[f"{prefix}.>"])
-    latencies: list[float] = []
-    started = time.perf_counter()
-    if window == 1:
-        for n in range(events):
-            sent = time.perf_counter()
-            await js.publish(f"{prefix}.{n % entities}", payload)
-            latencies.append(time.perf_counter() - sent)
-    else:
-        for n in range(events):
-            sent = time.perf_counter()
-            future = await js.publish_async(f"{prefix}.{n % entities}", payload)
-            future.add_done_callback(functools.partial(_record, latencies, sent))
-        await js.publish_async_completed()
-    seconds = time.perf_counter() - started
-    await js.delete_stream(prefix.upper())
-    await nc.close()
-    mode = (
-        "raw publish, await each ack" if window == 1 else f"raw publish_async, {window} in flight"
-    )
-    return _row(mode, events, seconds, latencies)
+    @property
+    def failed(self) -> bool:
+        """Whether any row (or the memory check) had a failed event."""
+        return any(r.row.failed for r in self.rows) or bool(self.memory and self.memory.failed)
 
 
-async def grpc_floor(target: str, events: int, payload_bytes: int, concurrency: int) -> BenchRow:
-    """Unary calls to a bare grpc.aio echo server: the least a unary RPC costs here."""
-    body = b"x" * (payload_bytes + 64)
-    latencies: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
-        remaining = events
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                sent = time.perf_counter()
-                await echo(body, timeout=30)
-                latencies.append(time.perf_counter() - sent)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return _row(f"grpc.aio echo, {concurrency} in flight", events, seconds, latencies)
-
-
-def _record(latencies: list[float], sent: float, _: object) -> None:
-    latencies.append(time.perf_counter() - sent)
-
-
-def _row(mode: str, events: int, seconds: float, latencies: list[float]) -> BenchRow:
-    return BenchRow(
-        mode=mode,
-        events=events,
-        failed=0,
-        seconds=round(seconds, 3),
-        events_per_s=round(events / seconds, 1),
-        call_p50_ms=round(percentile(latencies, 0.50), 2),
-        call_p99_ms=round(percentile(latencies, 0.99), 2),
-    )
-
-
-async def run_suite(
-    config: BenchConfig, payloads: list[int], entity_counts: list[int]
-) -> tuple[list[SuiteRow], RssReport | None]:
-    """Every mode, side by side, on one NATS server; then the memory check."""
-
-    rows: list[SuiteRow] = []
-    memory = None
+async def run_suite(config: BenchConfig) -> SuiteResult:
+    """The chosen row groups, side by side on one NATS server; then the target lines."""
+    started = time.monotonic()
+    result = SuiteResult(config.groups())
     with tempfile.TemporaryDirectory(prefix="order-sidecar-bench-") as scratch:
-        server = EmbeddedNats(Path(scratch))
+        server = EmbeddedNats(Path(scratch) / "nats")
         url = await server.start()
         echo_port = free_port()
         echo = Child(["order_sidecar_tools.bench.processes", str(echo_port)], echo_port)
         try:
             await echo.wait_ready(health=False)
-            for payload in payloads:
-                rows.extend(await _one_payload(config, url, echo.target, payload, entity_counts))
-            if config.suite_rss_entities:
-                _progress(f"memory: {config.suite_rss_entities} new entities, 1 sidecar")
-                memory = await measure_rss(url, config.suite_rss_entities)
+            ctx = SuiteContext(config, url, echo.target, Path(scratch))
+            for group in result.groups:
+                if group in _ROW_GROUPS:
+                    result.rows.extend(await _ROW_GROUPS[group](ctx))
+                elif config.suite_rss_entities:
+                    result.memory = await _memory(ctx)
+                    result.rows.append(memory_row(result.memory))
         finally:
             echo.stop()
             server.stop()
-    return rows, memory
+    result.targets = target_lines(config, result.rows, result.memory)
+    result.seconds = round(time.monotonic() - started, 1)
+    return result
 
 
-async def _one_payload(
-    config: BenchConfig, url: str, echo_target: str, payload: int, entity_counts: list[int]
-) -> list[SuiteRow]:
-    body = b"x" * payload
-    _progress(f"{payload} B: raw NATS and the gRPC floor")
-    pipelined = await raw_publish(url, config.events, body, 100, 64)
-    found = [
-        SuiteRow(f"{payload} B", await raw_publish(url, config.events // 4, body, 100, 1)),
-        SuiteRow(f"{payload} B", pipelined),
-        SuiteRow(f"{payload} B", await grpc_floor(echo_target, config.events, payload, 64)),
+async def _memory(ctx: SuiteContext) -> RssReport:
+    entities = ctx.config.suite_rss_entities
+    progress(f"memory: {entities} new entities, 1 sidecar")
+    return await measure_rss(ctx.url, entities, ctx.config.suite_redis_url)
+
+
+def memory_row(memory: RssReport) -> SuiteRow:
+    """The memory check's publishing as a table row."""
+    mode = f"PublishBatch ({memory.batch_events}/call, {memory.batches_in_flight} in flight)"
+    row = BenchRow(
+        mode=mode,
+        events=memory.entities,
+        failed=memory.failed,
+        seconds=memory.seconds,
+        events_per_s=memory.events_per_s,
+        call_p50_ms=memory.call_p50_ms,
+        call_p99_ms=memory.call_p99_ms,
+    )
+    return SuiteRow(f"256 B, {memory.entities} new ent, 1 sc (T5)", row, group="memory")
+
+
+COLUMNS = [
+    "setting",
+    "mode",
+    "events",
+    "failed",
+    "events/s",
+    "p50 ms",
+    "p99 ms",
+    "ratio",
+    "baseline",
+    "sidecar shares",
+]
+
+
+def _cells(r: SuiteRow) -> list[str]:
+    timed = r.row.call_p50_ms or r.row.call_p99_ms
+    return [
+        r.setting,
+        r.row.mode,
+        str(r.row.events),
+        str(r.row.failed),
+        f"{r.row.events_per_s:.0f}",
+        f"{r.row.call_p50_ms:.2f}" if timed else "-",
+        f"{r.row.call_p99_ms:.2f}" if timed else "-",
+        f"{r.ratio:.3f}" if r.ratio is not None else "-",
+        r.baseline or "-",
+        "/".join(f"{s:.2f}" for s in r.row.shares) or "-",
     ]
-    for entities in entity_counts:
-        for sidecar_count in (1, 3):
-            if sidecar_count == 3 and entities not in (1, 100):
-                continue
-            _progress(f"{payload} B, {entities} entities, {sidecar_count} sidecar(s)")
-            name = f"BENCH_{uuid.uuid4().hex[:8]}"
-            children = await start_sidecars(url, sidecar_count, name, config.suite_redis_url)
-            try:
-                cell = BenchConfig(
-                    events=config.events,
-                    entities=entities,
-                    concurrency=config.concurrency,
-                    batch_size=config.batch_size,
-                    payload_bytes=payload,
-                )
-                measured = await run_bench(cell, [c.target for c in children])
-            finally:
-                for child in children:
-                    child.stop()
-            setting = f"{payload} B, {entities} ent, {sidecar_count} sc"
-            found.extend(SuiteRow(setting, row) for row in measured)
-    for item in found:
-        item.ratio = round(item.row.events_per_s / pipelined.events_per_s, 3)
-    return found
 
 
 def format_suite(rows: list[SuiteRow]) -> str:
-    """The suite's table."""
-    columns = [
-        "setting",
-        "mode",
-        "events",
-        "failed",
-        "events/s",
-        "p50 ms",
-        "p99 ms",
-        "x raw pipelined",
-    ]
-    cells = [
-        [
-            r.setting,
-            r.row.mode,
-            str(r.row.events),
-            str(r.row.failed),
-            f"{r.row.events_per_s:.0f}",
-            f"{r.row.call_p50_ms:.2f}",
-            f"{r.row.call_p99_ms:.2f}",
-            f"{r.ratio:.3f}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in [columns, *cells]) for i in range(len(columns))]
+    """The suite's one table: every group's rows, each with its ratio and baseline."""
+    cells = [_cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in [COLUMNS, *cells]) for i in range(len(COLUMNS))]
+    left = {0, 1, 8, 9}
     return "\n".join(
         "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
+            c.ljust(w) if i in left else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [columns, *cells]
+        ).rstrip()
+        for row in [COLUMNS, *cells]
     )
 
 
-def write_suite_json(path: str, rows: list[SuiteRow], memory: RssReport | None) -> None:
-    """Save the suite's rows and memory check."""
+def format_result(result: SuiteResult) -> str:
+    """The table, the target lines, the memory check and the run's length."""
+    parts = [format_suite(result.rows)]
+    parts.append(
+        "targets (ratio = measured / baseline, both from this run)\n"
+        + "\n".join(line.text for line in result.targets)
+    )
+    if result.memory is not None:
+        parts.append(f"memory of one sidecar (T5)\n{format_rss(result.memory)}")
+    parts.append(f"suite: groups {','.join(result.groups)} in {result.seconds:.0f} s")
+    return "\n\n".join(parts)
+
+
+def write_suite_json(path: str, result: SuiteResult) -> None:
+    """Save the suite's rows, target lines and memory check."""
+    rows = [
+        {
+            "group": r.group,
+            "setting": r.setting,
+            "ratio": r.ratio,
+            "baseline": r.baseline,
+            **asdict(r.row),
+        }
+        for r in result.rows
+    ]
     with open(path, "w") as out:
         json.dump(
             {
-                "rows": [{"setting": r.setting, "ratio": r.ratio, **asdict(r.row)} for r in rows],
-                "memory": asdict(memory) if memory is not None else None,
+                "groups": result.groups,
+                "seconds": result.seconds,
+                "rows": rows,
+                "targets": [asdict(t) for t in result.targets],
+                "memory": asdict(result.memory) if result.memory is not None else None,
             },
             out,
             indent=2,

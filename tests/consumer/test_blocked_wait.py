@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client as NatsClient
 from order_sidecar_client import contract
 from order_sidecar_client.consumer import BlockedPolicy, EntityKey, list_dead, request_replay
@@ -24,8 +25,9 @@ from tests.support.consumer import (
 )
 
 
+@pytest.mark.parametrize("batch_size", [1, 256], ids=["one-by-one", "batches"])
 async def test_wait_policy_holds_a_blocked_entity_in_the_stream_until_replay(
-    nc: NatsClient, names: dict[str, str], tmp_path: Path
+    nc: NatsClient, names: dict[str, str], tmp_path: Path, batch_size: int
 ) -> None:
     await create_stream(nc, names)
     held = contract.partition_of("p", PARTITIONS)
@@ -41,6 +43,7 @@ async def test_wait_policy_holds_a_blocked_entity_in_the_stream_until_replay(
         tmp_path,
         handler,
         blocked_policy=BlockedPolicy.WAIT,
+        batch_size=batch_size,
         max_deliveries=3,
         backoff=(0.05, 0.2),
     )
@@ -74,8 +77,11 @@ async def test_wait_policy_holds_a_blocked_entity_in_the_stream_until_replay(
         assert handler.of(neighbour) == []  # the whole partition waits behind p#3
         assert await dead() == [("p", "2")]  # p#3, p#4 were not dead-lettered
         info = await js.consumer_info(names["stream"], f"{config.name}-p{held}")
-        # p#3 delivered and unacked, p#4 and the neighbour never delivered: in the stream.
-        assert (info.num_ack_pending, info.num_pending) == (1, 2)
+        # One by one: p#3 delivered and unacked, p#4 and the neighbour never delivered.
+        # In batches all three came in p's batch and are held unacked behind p#3. Either
+        # way all three are still in the stream, none acked.
+        held_in_stream = (1, 2) if batch_size == 1 else (3, 0)
+        assert (info.num_ack_pending, info.num_pending) == held_in_stream
         assert metrics.dead_lettered.labels("blocked")._value.get() == 0
 
         handler.poison = None  # the handler is fixed

@@ -4,6 +4,9 @@ Replica A is SIGKILLed right after committing an apply but before acking it, so 
 broker redelivers an event already applied (it must be skipped). Replica B is
 SIGKILLed inside its handler, before committing, so the broker redelivers an event
 not applied (it must be applied). Replica C then finishes the stream.
+
+The replicas apply one event per transaction (``batch_size`` 1), so the counts below
+are events; ``test_batches.py`` crashes replicas the same way in the middle of batches.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ async def test_crashes_before_ack_are_redelivered_and_applied_once(
         "stream": names["stream"],
         "db": str(db),
         "ack_wait": "1",
+        "batch_size": "1",
     }
     a = ReplicaProcess(tmp_path, "a", {**options, "crash_after_commit": "5"})
     b = ReplicaProcess(tmp_path, "b", {**options, "crash_in_handler": "7"})

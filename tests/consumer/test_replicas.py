@@ -2,7 +2,8 @@
 
 Three replicas split the partitions through KV leases; one is SIGKILLed mid-run and
 another started: every entity's events are still applied once, in sequence order, and
-the replica database ends equal to the stream. The same check run on a naive shared
+the replica database ends equal to the stream. The replicas apply in batches (the
+default), several events per transaction. The same check run on a naive shared
 pull consumer finds out-of-order applies, so the check is shown to be able to fail.
 """
 
@@ -23,6 +24,7 @@ from tests.support.consumer import (
     ReplicaProcess,
     apply_log,
     check_applies,
+    commit_sizes,
     create_stream,
     in_order,
     publish,
@@ -135,6 +137,10 @@ async def test_three_replicas_apply_once_in_order_through_a_sigkill(world: World
     assert report.events == PRODUCERS * EVENTS_EACH == len(applies)
     assert report.entities == ENTITIES
     assert {"replica-0", "replica-1", "replica-2"} <= appliers(db)
+    # Through the batch path: the backlog at start and the killed replica's unacked
+    # events came in batches, each committed in one transaction (counted in it).
+    sizes = commit_sizes(db)
+    assert sum(sizes) == len(applies) and max(sizes) > 1, sizes
 
 
 async def test_the_check_finds_out_of_order_applies_of_a_naive_shared_consumer(

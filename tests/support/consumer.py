@@ -130,6 +130,13 @@ def apply_log(db: Path) -> list[tuple[str, str, int]]:
     return [(str(t), str(i), int(s)) for t, i, s in rows]
 
 
+def commit_sizes(db: Path) -> list[int]:
+    """Events applied per committed transaction of replica processes, in commit order."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        rows = conn.execute("SELECT events FROM commit_log ORDER BY id").fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def replica_rows(db: Path) -> dict[str, int]:
     """Entity id -> sequence of its row in the replica."""
     with sqlite3.connect(db, timeout=30) as conn:
@@ -166,18 +173,48 @@ async def _holds(condition: Callable[[], Awaitable[bool] | bool]) -> bool:
 
 
 class Recorder:
-    """A handler that records applies (in commit order) and can fail on a payload."""
+    """A handler that records applies (in commit order) and can fail on a payload.
+
+    Each apply is written through the transaction it is given, into ``recorder_log`` of
+    the store's database, and ``applied`` reads that table on a connection of its own:
+    so it lists what was committed, not calls whose transaction was rolled back (a batch
+    rolls back when one of its events fails, and applies the events before it again).
+    """
 
     def __init__(self) -> None:
-        self.applied: list[tuple[str, int]] = []
         self.poison: bytes | None = None
         self.calls = 0
+        self._db: str | None = None
 
     async def __call__(self, event: EntityEvent, tx: sqlite3.Connection) -> None:
         self.calls += 1
+        if self._db is None:
+            self._db = str(tx.execute("PRAGMA database_list").fetchone()[2])
+        # Created inside the transaction: if it rolls back, so does the table.
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS recorder_log (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " entity_id TEXT NOT NULL, sequence INTEGER NOT NULL)"
+        )
+        tx.execute(
+            "INSERT INTO recorder_log (entity_id, sequence) VALUES (?, ?)",
+            (event.key.entity_id, event.sequence),
+        )
         if self.poison is not None and event.payload == self.poison:
-            raise RuntimeError("cannot apply this payload")
-        self.applied.append((event.key.entity_id, event.sequence))
+            raise RuntimeError("cannot apply this payload")  # after a write: rolled back
+
+    @property
+    def applied(self) -> list[tuple[str, int]]:
+        """``(entity_id, sequence)`` of the committed applies, in commit order."""
+        if self._db is None:
+            return []
+        with contextlib.closing(sqlite3.connect(self._db, timeout=30)) as conn:
+            try:
+                rows = conn.execute(
+                    "SELECT entity_id, sequence FROM recorder_log ORDER BY id"
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return []  # nothing committed yet
+        return [(str(e), int(s)) for e, s in rows]
 
     def of(self, entity_id: str) -> list[int]:
         return [s for e, s in self.applied if e == entity_id]

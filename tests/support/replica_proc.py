@@ -3,6 +3,8 @@
 ``--crash-in-handler N``: SIGKILL itself inside the N-th handler call (nothing
 committed). ``--crash-after-commit N``: SIGKILL itself right after the N-th commit,
 before the ack. On a clean stop it prints ``OUTCOMES {json}`` (delivery outcomes).
+Every transaction that applied events records in ``commit_log`` how many (in that
+same transaction), so tests can see the batches.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class FaultyHandler(replicate_sqlite.ReplicaHandler):
     async def __call__(self, event: EntityEvent, tx: sqlite3.Connection) -> None:
         await super().__call__(event, tx)
         self.calls += 1
+        CrashAfterCommitStore.handled += 1
         if self.calls == self.crash_in_handler:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -42,12 +45,20 @@ class CrashAfterCommitStore(SqlitePositionStore):
 
     crash_after: int = 0
     commits: int = 0
+    handled: int = 0  # handler calls so far (FaultyHandler counts them)
+    replica: str = ""
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[sqlite3.Connection]:
         async with super().transaction() as tx:
-            before = tx.total_changes
+            before, handled = tx.total_changes, CrashAfterCommitStore.handled
             yield tx
+            if CrashAfterCommitStore.handled > handled:
+                events = CrashAfterCommitStore.handled - handled
+                tx.execute(
+                    "INSERT INTO commit_log (replica, events) VALUES (?, ?)",
+                    (self.replica, events),
+                )
             wrote = tx.total_changes > before
         if wrote:
             self.commits += 1
@@ -62,7 +73,12 @@ def main() -> int:
     own, rest = parser.parse_known_args()
     args = replicate_sqlite.parse_args(rest)
     CrashAfterCommitStore.crash_after = own.crash_after_commit
+    CrashAfterCommitStore.replica = args.replica_id
     store = replicate_sqlite.open_store(args.db, CrashAfterCommitStore)
+    store.connection.execute(
+        "CREATE TABLE IF NOT EXISTS commit_log (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " replica TEXT NOT NULL, events INTEGER NOT NULL)"
+    )
     handler = FaultyHandler(args.replica_id, own.crash_in_handler)
     logging.basicConfig(level="INFO", format=f"%(asctime)s {args.replica_id} %(message)s")
     print("starting", flush=True)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from order_sidecar_client.consumer.errors import ConsumerConfigError
 
+#: The largest ``batch_size``: every event of a batch is held (and heartbeated) unacked.
+MAX_BATCH = 10_000
+
 
 class GapPolicy(enum.Enum):
     """What to do when an entity's sequence jumps past ``applied + 1``."""
@@ -33,6 +36,12 @@ class ConsumerConfig:
     ``subject_prefix`` and ``partitions`` are read from the stream's metadata when left
     empty / zero. ``ack_wait`` must exceed the handler's usual time: slow handlers are
     kept alive by in-progress heartbeats every ``ack_wait / 3``.
+
+    ``batch_size`` is how many events a partition fetches at once (its consumer's
+    ``max_ack_pending``) and applies in one transaction; 1 is one event per fetch and
+    per transaction. A transaction takes no further event once it has been open
+    ``batch_max_seconds`` (it commits and the rest of the batch goes into the next one),
+    so a slow handler does not hold the store's write lock, or a lease, for long.
     """
 
     stream: str
@@ -49,6 +58,8 @@ class ConsumerConfig:
     dlq_stream: str = ""
     dlq_prefix: str = ""
     replay_check_interval: float = 0.5
+    batch_size: int = 256
+    batch_max_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_deliveries < 1:
@@ -57,6 +68,19 @@ class ConsumerConfig:
             raise ConsumerConfigError("ack_wait and fetch_timeout must be positive")
         if not self.backoff:
             raise ConsumerConfigError("backoff needs at least one delay")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        # bool is an int: reject it too, a flag passed where a count belongs.
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH:
+            raise ConsumerConfigError(
+                f"batch_size must be an integer from 1 to {MAX_BATCH}, got {size!r}"
+            )
+        if not self.batch_max_seconds > 0:
+            raise ConsumerConfigError(
+                f"batch_max_seconds must be positive, got {self.batch_max_seconds!r}"
+            )
 
     @property
     def dlq_stream_name(self) -> str:

@@ -29,10 +29,14 @@ class OrderedConsumer(Generic[TxT]):
     """Applies a sidecar stream's events once and in order per entity.
 
     ``handler(event, tx)`` writes through *tx*, the transaction of *store* in which the
-    entity's position moves too. The handler's return acks the event; its exception
-    NAKs it with backoff, and after ``max_deliveries`` sends it to the DLQ and blocks
-    the entity. Run :meth:`run` until :meth:`stop`; it raises :class:`GapError` when
-    the gap policy is ``fail``.
+    entity's position moves too. It is called once per event, in stream order, for a
+    batch of a partition's events sharing one transaction (``batch_size``); the events
+    are acked after that transaction commits. Its exception rolls the transaction back:
+    the events before the failing one are applied again and committed, the failing one
+    is NAK'd with backoff, and after ``max_deliveries`` sent to the DLQ and its entity
+    blocked. So a handler may run for an event whose transaction is then rolled back;
+    only writes through *tx* are sure to happen once. Run :meth:`run` until
+    :meth:`stop`; it raises :class:`GapError` when the gap policy is ``fail``.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
@@ -60,7 +60,11 @@ class MalformedEvent(ValueError):
 
 
 def parse_headers(
-    headers: dict[str, str] | None, subject: str, payload: bytes, stream_sequence: int
+    headers: dict[str, str] | None,
+    subject: str,
+    payload: bytes,
+    stream_sequence: int,
+    deliveries: int = 1,
 ) -> EntityEvent:
     """Build an event from wire headers; :class:`MalformedEvent` if missing or invalid."""
     headers = dict(headers or {})
@@ -80,6 +84,7 @@ def parse_headers(
         payload=payload,
         subject=subject,
         stream_sequence=stream_sequence,
+        deliveries=deliveries,
         version=int(version) if version and version.isdigit() else None,
         headers=headers,
     )
@@ -113,5 +118,6 @@ def malformed_event(
 def parse_msg(msg: Msg) -> EntityEvent:
     """The event in a JetStream message, with its delivery count."""
     meta = msg.metadata
-    event = parse_headers(msg.headers, msg.subject, msg.data, meta.sequence.stream)
-    return replace(event, deliveries=int(meta.num_delivered))
+    return parse_headers(
+        msg.headers, msg.subject, msg.data, meta.sequence.stream, int(meta.num_delivered)
+    )

@@ -1,8 +1,11 @@
 """One partition, processed strictly in stream order by the replica that holds it.
 
-The partition's durable pull consumer has ``max_ack_pending=1``: the server hands out
-its next message only after the current one is acked, so a NAK'd or slow event holds
-its partition and nothing behind it overtakes it. Other partitions run in parallel.
+The partition's durable pull consumer has ``max_ack_pending = batch_size``: the worker
+fetches up to that many events, applies them in one transaction of the store (in stream
+order, so in each entity's order) and acks each after the commit. The server hands out
+nothing beyond them until some are acked, and the worker works from the head of its
+window only, so a NAK'd or slow event holds its partition and nothing behind it
+overtakes it. Other partitions run in parallel.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Generic
 
@@ -28,14 +31,10 @@ from order_sidecar_client.consumer.config import BlockedPolicy, GapPolicy
 from order_sidecar_client.consumer.config import ConsumerConfig as Settings
 from order_sidecar_client.consumer.dlq import DeadLetters
 from order_sidecar_client.consumer.errors import BreakerOpen, GapError
-from order_sidecar_client.consumer.event import (
-    EntityEvent,
-    MalformedEvent,
-    malformed_event,
-    parse_msg,
-)
+from order_sidecar_client.consumer.event import EntityEvent, malformed_event
 from order_sidecar_client.consumer.positions import TxT
 from order_sidecar_client.consumer.redrive import redrive_entity
+from order_sidecar_client.consumer.window import Held, Window
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ class PartitionWorker(Generic[TxT]):
         self.ctx = ctx
         self.stopping = asyncio.Event()
         self.durable = f"{ctx.settings.name}-p{partition}"
+        self.window = Window()
         self._gap_seen: dict[int, float] = {}
 
     def consumer_config(self) -> ConsumerConfig:
@@ -73,7 +73,8 @@ class PartitionWorker(Generic[TxT]):
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=settings.ack_wait,
-            max_ack_pending=1,
+            # Editable on an existing durable: changing batch_size updates it in place.
+            max_ack_pending=settings.batch_size,
             max_deliver=-1,  # max deliveries is counted here, so nothing is dropped unseen
         )
 
@@ -83,17 +84,25 @@ class PartitionWorker(Generic[TxT]):
         await js.add_consumer(settings.stream, self.consumer_config())
         sub = await js.pull_subscribe_bind(durable=self.durable, stream=settings.stream)
         replays = await self._replay_subscription()
+        keep_alive = asyncio.create_task(self._keep_alive(), name=f"keep-alive-{self.durable}")
         next_replay_check = 0.0
         try:
             while self._may_fetch():
                 if self.ctx.breaker is not None and not self.ctx.breaker.allows():
-                    await self._wait_for_breaker(None)
+                    await self._wait_for_breaker()
                     continue
                 if time.monotonic() >= next_replay_check:
                     await self._take_replay_requests(replays)
                     next_replay_check = time.monotonic() + settings.replay_check_interval
-                await self._fetch_one(sub)
+                if self.window.head_is_ready():
+                    await self._process_head()
+                else:
+                    await self._fetch(sub)
         finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
+            await self._hand_back()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
                 await replays.unsubscribe()
@@ -106,69 +115,86 @@ class PartitionWorker(Generic[TxT]):
         remaining = self.ctx.assignment.remaining(self.partition)
         return max(0.05, min(self.ctx.settings.fetch_timeout, remaining))
 
-    async def _fetch_one(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Top the window up to a batch (a NAK'd head comes back this way too)."""
+        wanted = max(1, self.ctx.settings.batch_size - len(self.window))
         try:
-            messages = await sub.fetch(1, timeout=self._fetch_timeout())
+            messages = await sub.fetch(wanted, timeout=self._fetch_timeout())
         except (TimeoutError, nats.errors.TimeoutError):
             return
         for msg in messages:
-            if not self._may_fetch():
-                await msg.nak()  # lease lapsed during the fetch: hand it on untouched
-                return
-            await self._process(msg)
+            self.window.add(msg)  # a lease lapsed meanwhile: the loop hands them back
 
-    async def _process(self, msg: Msg) -> None:
-        try:
-            event = parse_msg(msg)
-        except MalformedEvent as error:
-            await self._dead_letter_malformed(msg, str(error))
-            return
-        while True:
-            try:
-                async with self._heartbeat(msg):
-                    decision = await self.ctx.applier.apply(event)
-            except Exception as error:  # the handler's failure: hold, retry or dead-letter
-                if not self._breaker_refused(error):
-                    await self._failed(msg, event, error)
-                elif await self._wait_for_breaker(msg):
-                    continue
-                else:
-                    await msg.nak()
-                return
-            await self._settle(msg, event, decision)
-            return
+    async def _hand_back(self) -> None:
+        """NAK what was not settled (the lease lapsed, or stopping), in stream order, so
+        the next holder gets it at once; NAK'd ones come back by themselves."""
+        for held in self.window:
+            if not held.nakked:
+                with contextlib.suppress(Exception):
+                    await held.msg.nak()
+            self.window.settle(held)
 
-    async def _settle(self, msg: Msg, event: EntityEvent, decision: Decision) -> None:
+    async def _process_head(self) -> None:
+        """Apply the ready events at the head in one transaction; ack them after the
+        commit; then deal with the event that stopped the batch, if one did."""
+        head = self.window.head()
+        assert head is not None
+        if head.event is None:
+            await self._dead_letter_malformed(head)
+            return
+        run = self.window.ready_run(self.ctx.settings.batch_size)
+        result = await self.ctx.applier.apply_batch(
+            [held.event for held in run if held.event is not None],
+            self._may_fetch,
+            self.ctx.settings.batch_max_seconds,
+        )
+        for held in run[: len(result.decisions)]:
+            if self._gap_seen:
+                self._gap_seen.pop(held.stream_sequence, None)
+            await held.msg.ack()  # after the commit: a crash before it replays, skipped
+            self.window.settle(held)
+        for outcome, count in Counter(d.outcome.value for d in result.decisions).items():
+            self.ctx.metrics.count(outcome, count)
+        if result.stop is not None:
+            await self._settle(run[len(result.decisions)], result.stop)
+        elif result.error is not None:
+            await self._on_error(run[len(result.decisions)], result.error)
+
+    async def _settle(self, held: Held, decision: Decision) -> None:
         self.ctx.metrics.count(decision.outcome.value)
-        if decision.outcome in (Outcome.APPLIED, Outcome.SKIPPED):
-            self._gap_seen.pop(event.stream_sequence, None)
-            await msg.ack()
-        elif decision.outcome is Outcome.BLOCKED:
-            await self._blocked(msg, event)
+        if decision.outcome is Outcome.BLOCKED:
+            await self._blocked(held)
         else:
-            await self._gap(msg, event, decision.applied)
+            await self._gap(held, decision.applied)
 
-    async def _failed(self, msg: Msg, event: EntityEvent, error: Exception) -> None:
+    async def _on_error(self, held: Held, error: Exception) -> None:
+        # The handler's failure: hold, retry or dead-letter.
+        if not self._breaker_refused(error):
+            await self._failed(held, _event(held), error)
+        # else: held unacked (heartbeats, no NAK): the loop waits at the breaker's gate
+        # and then retries it, so no delivery is spent while a dependency is down.
+
+    async def _failed(self, held: Held, event: EntityEvent, error: Exception) -> None:
         self.ctx.metrics.count("failed")
         if event.deliveries < self.ctx.settings.max_deliveries:
             delay = self.ctx.settings.delay_after(event.deliveries)
             log.warning(
                 "handler failed on %s (delivery %d): %r", _where(event), event.deliveries, error
             )
-            await msg.nak(delay=delay)
+            await self._nak(held, delay)
             return
         reason = f"max deliveries ({event.deliveries}) reached: {error!r}"
-        await self._dead_letter(msg, event, reason, "max_deliveries")
+        await self._dead_letter(held, event, reason, "max_deliveries")
 
-    async def _blocked(self, msg: Msg, event: EntityEvent) -> None:
+    async def _blocked(self, held: Held) -> None:
         if self.ctx.settings.blocked_policy is BlockedPolicy.WAIT:
-            await msg.nak(delay=self.ctx.settings.backoff[-1])
+            await self._nak(held, self.ctx.settings.backoff[-1])
             return
         reason = "entity blocked by an earlier dead-lettered event"
-        await self._dead_letter(msg, event, reason, "blocked", block=False)
+        await self._dead_letter(held, _event(held), reason, "blocked", block=False)
 
-    async def _gap(self, msg: Msg, event: EntityEvent, applied: int) -> None:
-        settings = self.ctx.settings
+    async def _gap(self, held: Held, applied: int) -> None:
+        settings, event = self.ctx.settings, _event(held)
         first = self._gap_seen.setdefault(event.stream_sequence, time.monotonic())
         waited = time.monotonic() - first
         reason = f"gap: sequence {event.sequence} after applied {applied}"
@@ -180,31 +206,37 @@ class PartitionWorker(Generic[TxT]):
                 waited,
                 settings.gap_wait,
             )
-            await msg.nak(delay=min(settings.backoff[-1], settings.gap_wait - waited))
+            await self._nak(held, min(settings.backoff[-1], settings.gap_wait - waited))
             return
         del self._gap_seen[event.stream_sequence]
         if settings.gap_policy is GapPolicy.FAIL:
-            await msg.nak()
+            await self._nak(held, None)
             raise GapError(f"{reason} at {_where(event)}")
-        await self._dead_letter(msg, event, reason, "gap")
+        await self._dead_letter(held, event, reason, "gap")
+
+    async def _nak(self, held: Held, delay: float | None) -> None:
+        """NAK the head: the server redelivers it after *delay*; what is behind it waits."""
+        await held.msg.nak(delay=delay)
+        held.nakked = True
 
     async def _dead_letter(
-        self, msg: Msg, event: EntityEvent, reason: str, cause: str, block: bool = True
+        self, held: Held, event: EntityEvent, reason: str, cause: str, block: bool = True
     ) -> None:
         await self.ctx.dead_letters.publish(event, reason, self.durable)
         if block:
             await self.ctx.applier.block(event, reason)
         self.ctx.metrics.dead_lettered.labels(cause).inc()
         log.error("dead-lettered %s: %s", _where(event), reason)
-        await msg.ack()
+        await held.msg.ack()
+        self.window.settle(held)
 
-    async def _dead_letter_malformed(self, msg: Msg, reason: str) -> None:
+    async def _dead_letter_malformed(self, held: Held) -> None:
         # Not part of any entity's sequence: dead-letter it, block nothing, move on.
-        meta = msg.metadata
+        msg, meta = held.msg, held.msg.metadata
         event = malformed_event(
             msg.headers, msg.subject, msg.data, meta.sequence.stream, int(meta.num_delivered)
         )
-        await self._dead_letter(msg, event, reason, "malformed", block=False)
+        await self._dead_letter(held, event, held.malformed, "malformed", block=False)
 
     def _breaker_refused(self, error: Exception) -> bool:
         # An open breaker (or a failure that opened it) is the dependency's fault, not
@@ -214,38 +246,26 @@ class PartitionWorker(Generic[TxT]):
             breaker is not None and breaker.state is not BreakerState.CLOSED
         )
 
-    async def _wait_for_breaker(self, msg: Msg | None) -> bool:
-        """Hold (with in-progress heartbeats) until the breaker lets a call through."""
+    async def _wait_for_breaker(self) -> None:
+        """Wait (the window held by the keep-alive) until the breaker lets a call through
+        or the partition must be given up."""
         breaker = self.ctx.breaker
         assert breaker is not None
-        while not breaker.allows():
-            if not self._may_fetch():
-                return False
-            if msg is not None:
-                await msg.in_progress()
+        while not breaker.allows() and self._may_fetch():
             wait = min(self.ctx.settings.ack_wait / 3, max(self._fetch_timeout(), 0.05))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(breaker.wait_until_allowed(), wait)
-        return True
 
-    @contextlib.asynccontextmanager
-    async def _heartbeat(self, msg: Msg) -> AsyncIterator[None]:
-        """Tell the server the event is in progress every ack_wait/3 while the handler runs."""
+    async def _keep_alive(self) -> None:
+        """Every ack_wait/3, tell the server each held event is in progress, so a slow
+        handler, a long batch or a wait for the breaker is not redelivered under it."""
         interval = self.ctx.settings.ack_wait / 3
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.in_progress()
-
-        task = asyncio.create_task(beat())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        while True:
+            await asyncio.sleep(interval)
+            for held in self.window:
+                if not held.nakked:
+                    with contextlib.suppress(nats.errors.Error):
+                        await held.msg.in_progress()
 
     async def _replay_subscription(self) -> Any:
         settings = self.ctx.settings
@@ -266,6 +286,12 @@ class PartitionWorker(Generic[TxT]):
         )
 
     async def _take_replay_requests(self, replays: Any) -> None:
+        # Ask first (one round trip): a fetch that finds nothing waits out its timeout,
+        # and that wait, every replay_check_interval, would idle the partition.
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            info = await replays.consumer_info()
+            if not (info.num_pending or info.num_ack_pending):
+                return
         try:
             requests: list[Msg] = await replays.fetch(10, timeout=0.1)
         except (TimeoutError, nats.errors.TimeoutError):
@@ -280,6 +306,11 @@ class PartitionWorker(Generic[TxT]):
                 await request.ack()
             else:
                 await request.nak(delay=self.ctx.settings.backoff[-1])
+
+
+def _event(held: Held) -> EntityEvent:
+    assert held.event is not None  # malformed messages never reach a decision
+    return held.event
 
 
 def _where(event: EntityEvent) -> str:

@@ -2,7 +2,7 @@
 
     python -m order_sidecar_client.examples.replicate_sqlite \\
         --nats-url nats://127.0.0.1:4222 --stream ENTITY_EVENTS --db replica.db \\
-        [--replicas 3 --replica-index 0 | --assignment kv]
+        [--replicas 3 --replica-index 0 | --assignment kv] [--batch-size 256]
 
 Each event upserts (or deletes) the entity's row and appends to ``apply_log`` in the
 same transaction that moves the entity's applied position. Several replicas may share
@@ -30,6 +30,7 @@ from order_sidecar_client.consumer import (
     Assignment,
     BlockedPolicy,
     ConsumerConfig,
+    ConsumerConfigError,
     ConsumerMetrics,
     EntityEvent,
     GapPolicy,
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS apply_log (
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The example's flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    defaults = ConsumerConfig("defaults")
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--stream", required=True)
     parser.add_argument("--db", required=True)
@@ -68,6 +70,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-policy", choices=[p.value for p in GapPolicy], default="dlq")
     parser.add_argument("--gap-wait", type=float, default=5.0)
     parser.add_argument("--blocked-policy", choices=[p.value for p in BlockedPolicy], default="dlq")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="events fetched and applied in one transaction per partition (1: one by one)",
+    )
+    parser.add_argument(
+        "--batch-max-seconds",
+        type=float,
+        default=defaults.batch_max_seconds,
+        help="a transaction takes no further event once open this long",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -82,6 +96,8 @@ def consumer_config(args: argparse.Namespace) -> ConsumerConfig:
         gap_policy=GapPolicy(args.gap_policy),
         gap_wait=args.gap_wait,
         blocked_policy=BlockedPolicy(args.blocked_policy),
+        batch_size=args.batch_size,
+        batch_max_seconds=args.batch_max_seconds,
     )
 
 
@@ -160,8 +176,13 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point; exit 2 with the reason on an invalid setting."""
     args = parse_args(argv)
+    try:
+        consumer_config(args)
+    except ConsumerConfigError as error:
+        print(f"replicate_sqlite: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level, format=f"%(asctime)s {args.replica_id} %(levelname)s %(message)s"
     )

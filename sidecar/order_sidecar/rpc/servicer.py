@@ -318,20 +318,23 @@ class SidecarService(sidecar_pb2_grpc.SidecarServicer):
         self, request: sidecar_pb2.PublishBatchRequest, budget: float | None
     ) -> list[BatchOutcome]:
         outcomes: list[BatchOutcome | None] = [None] * len(request.events)
-        groups = group_by_entity(request.events, outcomes)
-        limit = asyncio.Semaphore(self._max_inflight_entities)
+        entities = group_by_entity(request.events, outcomes)
+        groups = iter(entities)
 
-        async def run(indexes: list[int], events: list[Event]) -> None:
-            async with limit:
+        async def worker() -> None:
+            # A few workers take the entities in turn: a batch of 1,000 entities costs
+            # --max-inflight-entities tasks, not 1,000 (memory and scheduling).
+            for indexes, events in groups:
                 try:
                     results = await self._publisher.publish_in_order(events, budget)
                 except Exception as error:  # the other groups go on; this one reports it
                     log.exception("unexpected error in a batch", exc_info=error)
                     results = [internal_error(error)] * len(events)
-            for index, result in zip(indexes, results, strict=True):
-                outcomes[index] = result
+                for index, result in zip(indexes, results, strict=True):
+                    outcomes[index] = result
 
-        await asyncio.gather(*(run(indexes, events) for indexes, events in groups))
+        workers = min(len(entities), self._max_inflight_entities)
+        await asyncio.gather(*(worker() for _ in range(workers)))
         missing = [index for index, item in enumerate(outcomes) if item is None]
         if missing:
             raise AssertionError(f"batch events without an outcome: {missing}")
